@@ -1,0 +1,1 @@
+"""One module per flowbeam pipeline: its options, ``build`` and ``run``."""

@@ -1,0 +1,275 @@
+"""The flow logic shared by every source: fragments of one flow key in, flow rows out.
+
+Pure Python, no Beam: ``BuildFlows`` is a thin stateful shell around ``advance``, and the
+packet aggregator uses ``split_rows`` for its rare slow path, so the rules live in one place.
+
+A *fragment* is a partial observation of one flow: one packet, what a decoder pre-aggregated
+from one capture file or one Pub/Sub batch, or one VPC Flow Logs record. Fragments of one key
+are cut into *rows* by these rules, applied to the fragments sorted by first-seen time:
+
+- a fragment starting ``idle_us`` or more after everything seen so far starts a new flow
+  (idle timeout);
+- a TCP flow that has ended (FIN from both sides, or an RST) and then sees a fragment starting
+  with a pure SYN starts a new flow (the 5-tuple is being reused);
+- a fragment starting ``active_us`` or more after the first packet of the current row starts a
+  new row of the same flow (active timeout); that row keeps the flow's direction.
+
+Because the rules only look at sorted fragments, the rows are the same whatever order the
+fragments arrive in. ``advance`` also works incrementally (streaming): given the time ``now_us``
+up to which the input is complete (the watermark), it emits only the rows no later fragment
+can change and keeps the rest.
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter
+from typing import NamedTuple
+
+# (ip_version, protocol, vlan_id, a_hi, a_lo, a_port, b_hi, b_lo, b_port); endpoint a sorts
+# before endpoint b, so both directions of a conversation share the key. vlan_id -1: untagged.
+FlowKey = tuple[int, int, int, int, int, int, int, int, int]
+
+SIDE_A = 0
+SIDE_B = 1
+NO_TIME = -1
+
+TCP = 6
+TCP_FIN = 0x01
+TCP_SYN = 0x02
+TCP_RST = 0x04
+TCP_ACK = 0x10
+
+IDLE_TIMEOUT = "idle_timeout"
+ACTIVE_TIMEOUT = "active_timeout"
+END_OF_FLOW = "end_of_flow"
+FORCED_END = "forced_end"
+
+
+class Fragment(NamedTuple):
+    """Counts of one flow key over [first_us, last_us]; ``a``/``b`` are the key's endpoints."""
+
+    key: FlowKey
+    first_us: int
+    last_us: int
+    a_packets: int
+    a_bytes: int
+    b_packets: int
+    b_bytes: int
+    a_flags: int
+    b_flags: int
+    first_sender: int  # SIDE_A or SIDE_B: who sent the earliest packet
+    syn_us: int  # time of the earliest pure SYN (SYN without ACK), NO_TIME if none
+    syn_sender: int  # who sent it
+    open_at_end: bool  # the input ended less than idle_us after last_us (a forced end)
+
+
+class Continuation(NamedTuple):
+    """What streaming keeps of a flow whose earlier rows were already emitted."""
+
+    key: FlowKey
+    src_side: int  # the flow's initiator, fixed by its first row
+    last_us: int  # last packet of the emitted rows
+    a_flags: int  # TCP flags of the whole flow so far (to recognise its end)
+    b_flags: int
+
+
+class FlowRow(NamedTuple):
+    """One emitted row: a merged fragment, who initiated it, and why it was emitted."""
+
+    fragment: Fragment
+    src_side: int
+    status: str
+
+
+def order_key(
+    ip_version: int, protocol: int, vlan_id: int,
+    src_hi: int, src_lo: int, src_port: int,
+    dst_hi: int, dst_lo: int, dst_port: int,
+) -> tuple[FlowKey, int]:
+    """The direction-independent key of a packet and the side (SIDE_A/SIDE_B) that sent it."""
+    if (src_hi, src_lo, src_port) <= (dst_hi, dst_lo, dst_port):
+        return (ip_version, protocol, vlan_id, src_hi, src_lo, src_port,
+                dst_hi, dst_lo, dst_port), SIDE_A
+    return (ip_version, protocol, vlan_id, dst_hi, dst_lo, dst_port,
+            src_hi, src_lo, src_port), SIDE_B
+
+
+def merge(fragments: list[Fragment]) -> Fragment:
+    """One fragment covering all of ``fragments`` (same key, any order)."""
+    if len(fragments) == 1:
+        return fragments[0]
+    earliest = min(fragments, key=_start_order)
+    latest = max(fragments, key=attrgetter("last_us"))
+    syns = [f for f in fragments if f.syn_us != NO_TIME]
+    first_syn = min(syns, key=_syn_order) if syns else None
+    a_flags = b_flags = 0
+    for f in fragments:
+        a_flags |= f.a_flags
+        b_flags |= f.b_flags
+    return Fragment(
+        key=earliest.key,
+        first_us=earliest.first_us,
+        last_us=latest.last_us,
+        a_packets=sum(f.a_packets for f in fragments),
+        a_bytes=sum(f.a_bytes for f in fragments),
+        b_packets=sum(f.b_packets for f in fragments),
+        b_bytes=sum(f.b_bytes for f in fragments),
+        a_flags=a_flags,
+        b_flags=b_flags,
+        first_sender=earliest.first_sender,
+        syn_us=first_syn.syn_us if first_syn else NO_TIME,
+        syn_sender=first_syn.syn_sender if first_syn else SIDE_A,
+        open_at_end=latest.open_at_end,
+    )
+
+
+def _start_order(f: Fragment) -> tuple[int, int]:
+    return f.first_us, f.first_sender
+
+
+def _syn_order(f: Fragment) -> tuple[int, int]:
+    return f.syn_us, f.syn_sender
+
+
+def initiator(fragment: Fragment) -> int:
+    """The side that started the flow: the sender of a pure SYN when seen, else of the
+    earliest packet."""
+    return fragment.syn_sender if fragment.syn_us != NO_TIME else fragment.first_sender
+
+
+def has_ended(a_flags: int, b_flags: int) -> bool:
+    """TCP end of flow: FIN sent by both sides, or an RST by either."""
+    return bool((a_flags & b_flags & TCP_FIN) or ((a_flags | b_flags) & TCP_RST))
+
+
+def starts_with_pure_syn(fragment: Fragment) -> bool:
+    return fragment.syn_us != NO_TIME and fragment.syn_us == fragment.first_us
+
+
+class _Row:
+    """A row being assembled by ``split_rows``."""
+
+    __slots__ = ("final_at", "fragments", "new_flow", "status")
+
+    def __init__(self, first: Fragment, new_flow: bool) -> None:
+        self.fragments = [first]
+        self.new_flow = new_flow  # first row of its flow (False: continues after active timeout)
+        self.status = ""
+        self.final_at = 0  # time from which no later fragment can change this row
+
+
+def split_rows(
+    fragments: list[Fragment],
+    idle_us: int,
+    active_us: int,
+    continuation: Continuation | None = None,
+) -> list[_Row]:
+    """Cut one key's fragments into rows by the module's rules; the last row stays open.
+
+    Every row but the last gets its ``status`` and ``final_at``; the last row's status is
+    decided by whoever closes it (``advance``).
+    """
+    ordered = sorted(fragments, key=_sort_order)
+    rows: list[_Row] = []
+    flow_last = continuation.last_us if continuation else NO_TIME
+    a_flags = continuation.a_flags if continuation else 0
+    b_flags = continuation.b_flags if continuation else 0
+    row: _Row | None = None
+    for f in ordered:
+        if row is None:
+            continues = continuation is not None and f.first_us - flow_last < idle_us and not (
+                has_ended(a_flags, b_flags) and starts_with_pure_syn(f))
+            if not continues:
+                flow_last, a_flags, b_flags = NO_TIME, 0, 0
+            row = _Row(f, new_flow=not continues)
+            rows.append(row)
+        elif f.first_us - flow_last >= idle_us:
+            row.status = END_OF_FLOW if has_ended(a_flags, b_flags) else IDLE_TIMEOUT
+            row.final_at = flow_last + idle_us
+            row = _Row(f, new_flow=True)
+            rows.append(row)
+            a_flags = b_flags = 0
+        elif has_ended(a_flags, b_flags) and starts_with_pure_syn(f):
+            row.status = END_OF_FLOW
+            row.final_at = f.first_us
+            row = _Row(f, new_flow=True)
+            rows.append(row)
+            a_flags = b_flags = 0
+        elif f.first_us - row.fragments[0].first_us >= active_us:
+            row.status = ACTIVE_TIMEOUT
+            row.final_at = row.fragments[0].first_us + active_us
+            row = _Row(f, new_flow=False)
+            rows.append(row)
+        else:
+            row.fragments.append(f)
+        flow_last = max(flow_last, f.last_us)
+        a_flags |= f.a_flags
+        b_flags |= f.b_flags
+    if row is not None:
+        row.status = END_OF_FLOW if has_ended(a_flags, b_flags) else IDLE_TIMEOUT
+        row.final_at = flow_last + idle_us
+    return rows
+
+
+def _sort_order(f: Fragment) -> tuple:
+    return f[1:]
+
+
+def advance(
+    fragments: list[Fragment],
+    idle_us: int,
+    active_us: int,
+    now_us: int | None,
+    continuation: Continuation | None = None,
+) -> tuple[list[FlowRow], list[Fragment], Continuation | None, int | None]:
+    """Emit the rows of one key that are final at ``now_us``; keep the rest.
+
+    ``now_us`` is the time up to which the input is complete (the watermark); ``None`` means
+    the input has ended, so every row is emitted. Returns the emitted rows, the fragments to
+    keep, the continuation to keep (when an emitted active-timeout row's flow goes on), and the
+    time at which something more could be emitted (``None`` when nothing is kept).
+    """
+    rows = split_rows(fragments, idle_us, active_us, continuation)
+    emitted: list[FlowRow] = []
+    src_side = continuation.src_side if continuation else SIDE_A
+    flow_flags = (continuation.a_flags, continuation.b_flags) if continuation else (0, 0)
+    kept_from = len(rows)
+    for index, row in enumerate(rows):
+        if now_us is not None and row.final_at > now_us:
+            kept_from = index
+            break
+        merged = merge(row.fragments)
+        if row.new_flow:
+            src_side = initiator(merged)
+            flow_flags = (0, 0)
+        flow_flags = (flow_flags[0] | merged.a_flags, flow_flags[1] | merged.b_flags)
+        status = row.status
+        if now_us is None and index == len(rows) - 1 and status == IDLE_TIMEOUT and (
+                merged.open_at_end):
+            status = FORCED_END
+        emitted.append(FlowRow(merged, src_side, status))
+    if kept_from == len(rows):
+        return emitted, [], None, None
+    kept_rows = rows[kept_from:]
+    new_continuation = None
+    if not kept_rows[0].new_flow:
+        last = emitted[-1].fragment
+        new_continuation = Continuation(
+            last.key, src_side,
+            max(continuation.last_us if continuation else NO_TIME, last.last_us),
+            flow_flags[0], flow_flags[1])
+    kept = [part for row in kept_rows for part in _compact(row.fragments, now_us)]
+    return emitted, kept, new_continuation, kept_rows[0].final_at
+
+
+def _compact(fragments: list[Fragment], now_us: int | None) -> list[Fragment]:
+    """Merge the fragments of one row that started before ``now_us``.
+
+    No fragment still to come can start before ``now_us``, so those fragments stay together
+    in one row whatever arrives later: keeping them merged keeps state small without changing
+    any future row.
+    """
+    settled = [f for f in fragments if now_us is not None and f.first_us < now_us]
+    if len(settled) < 2:
+        return fragments
+    return [merge(settled)] + [f for f in fragments if not f.first_us < now_us]
