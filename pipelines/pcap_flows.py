@@ -49,12 +49,13 @@ class PcapFlowsOptions(PipelineOptions):
             "--active_timeout", type=float, default=env_default("active_timeout", 1800.0),
             help="A longer flow is emitted in rows of at most this many seconds (default 1800).")
         parser.add_argument(
-            "--byte_accounting", choices=("ip", "frame"), default=env_default("byte_accounting", "ip"),
+            "--byte_accounting", choices=("ip", "frame"),
+            default=env_default("byte_accounting", "ip"),
             help="ip: IP total length (default; agrees with VPC Flow Logs); "
                  "frame: original frame length on the wire.")
         parser.add_argument(
             "--flow_shards", type=int, default=env_default("flow_shards", DEFAULT_SHARDS),
-            help="State shards of the flow engine (default %d)." % DEFAULT_SHARDS)
+            help=f"State shards of the flow engine (default {DEFAULT_SHARDS}).")
 
 
 class OptionsError(ValueError):
@@ -76,7 +77,8 @@ class PcapFlowsConfig:
 def parse_config(options: PipelineOptions) -> PcapFlowsConfig:
     """Validate the options; raise ``OptionsError`` with a message a user can act on."""
     opts = options.view_as(PcapFlowsOptions)
-    inputs = opts.input or [p.strip() for p in str(env_default("input", "")).split(",") if p.strip()]
+    from_env = str(env_default("input", "")).split(",")
+    inputs = opts.input or [pattern.strip() for pattern in from_env if pattern.strip()]
     if not inputs:
         raise OptionsError("--input is required (a capture file, glob, gs:// or s3:// path)")
     if not opts.output:
@@ -151,7 +153,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
     standard = options.view_as(StandardOptions)
     if standard.runner is None:
-        standard.runner = "FnApiRunner"  # the DirectRunner's in-process engine, without the Prism probe
+        # The DirectRunner's in-process engine, without its Prism probe (a download).
+        standard.runner = "FnApiRunner"
     startup_dead_letters = check_inputs(config.inputs)
     if len(startup_dead_letters) == len(config.inputs):
         print("flowbeam: nothing to read", file=sys.stderr)

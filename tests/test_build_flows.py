@@ -13,7 +13,14 @@ from apache_beam.transforms.window import TimestampedValue
 
 from tests.fragment_builders import S, packet
 from transforms.build_flows import BuildFlows
-from transforms.flow_engine import ACTIVE_TIMEOUT, END_OF_FLOW, IDLE_TIMEOUT, TCP_ACK, TCP_FIN, TCP_SYN
+from transforms.flow_engine import (
+    ACTIVE_TIMEOUT,
+    END_OF_FLOW,
+    IDLE_TIMEOUT,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_SYN,
+)
 
 T0 = 1_700_000_000 * S
 

@@ -164,8 +164,8 @@ def test_streaming_emits_only_final_rows_and_keeps_the_rest():
     assert due == T0 + 2000 + IDLE
     assert len(kept) == 1  # the three settled packets were compacted into one fragment
     assert merge(fragments) == kept[0]
-    rows, kept, _, due = rows_of(kept, now_us=due)
-    assert [r["status"] for r in rows] == [IDLE_TIMEOUT] and kept == [] and due is None
+    rows, kept, _, due_after = rows_of(kept, now_us=due)
+    assert [r["status"] for r in rows] == [IDLE_TIMEOUT] and kept == [] and due_after is None
 
 
 def test_streaming_active_rows_come_out_before_the_flow_ends():
@@ -175,6 +175,7 @@ def test_streaming_active_rows_come_out_before_the_flow_ends():
     assert [(r.status, r.fragment.a_packets + r.fragment.b_packets) for r in rows] == [
         (ACTIVE_TIMEOUT, 10)]
     assert continuation is not None and continuation.src_side == rows[0].src_side
+    assert due == T0 + 14 * S + IDLE  # the open row closes at its idle timeout
     later = [packet(T0 + s * S, CLIENT, 9, SERVER, 7, protocol=17) for s in range(15, 22)]
     rows2, kept2, continuation2, _ = advance(kept + later, IDLE, active, None, continuation)
     assert [(r.status, r.fragment.a_packets + r.fragment.b_packets) for r in rows2] == [

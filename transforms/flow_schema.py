@@ -37,7 +37,8 @@ FLOW_COLUMNS: tuple[Column, ...] = (
            "Deterministic row id: hash of the flow key and first_seen_at. A re-run or a retried "
            "bundle yields the same id, so it is the BigQuery insert id."),
     Column("community_id", "STRING", True,
-           "Community ID v1 (seed 0) of the 5-tuple, to join with Zeek, Suricata and Elastic data."),
+           "Community ID v1 (seed 0) of the 5-tuple, to join with Zeek, Suricata and Elastic "
+           "data."),
     Column("protocol", "STRING", True,
            "Transport protocol name (tcp, udp, icmp, icmpv6, sctp), or the IP protocol number "
            "as text for any other protocol."),
@@ -61,7 +62,8 @@ FLOW_COLUMNS: tuple[Column, ...] = (
     Column("src_tcp_flags", "INT64", False,
            "OR of the TCP flags the initiator sent (FIN=1 SYN=2 RST=4 PSH=8 ACK=16 URG=32 "
            "ECE=64 CWR=128); NULL when not TCP."),
-    Column("dst_tcp_flags", "INT64", False, "OR of the TCP flags the responder sent; NULL when not TCP."),
+    Column("dst_tcp_flags", "INT64", False,
+           "OR of the TCP flags the responder sent; NULL when not TCP."),
     Column("vlan_id", "INT64", False, "Outermost 802.1Q VLAN id; NULL when untagged."),
     Column("status", "STRING", True,
            "Why the row was emitted: idle_timeout, active_timeout (the flow goes on in a later "
