@@ -9,6 +9,8 @@ a summary. Every option can also come from ``FLOWBEAM_<NAME>``.
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import logging
 import sys
 import time
@@ -93,11 +95,25 @@ def parse_config(options: PipelineOptions) -> PcapFlowsConfig:
                            opts.byte_accounting, opts.flow_shards)
 
 
-def unknown_flags(options: PipelineOptions) -> list[str]:
-    """Flags no registered option class knows (Beam would silently discard them)."""
-    known = options.get_all_options(drop_default=False)
-    every = options.get_all_options(drop_default=False, retain_unknown_options=True)
-    return sorted(f"--{name}" for name in every if name not in known)
+def unknown_flags(options: PipelineOptions, argv: Sequence[str]) -> list[str]:
+    """Flags no registered option class knows, with a suggestion when one is close.
+
+    Beam would log and discard them; a mistyped ``--idle-timeout`` must not silently run
+    with the default instead.
+    """
+    parsers: list[argparse.ArgumentParser] = []
+    options.get_all_options(add_extra_args_fn=parsers.append)
+    parser = parsers[0]
+    _, unknown = parser.parse_known_args(list(argv))
+    known = [flag for action in parser._actions for flag in action.option_strings]
+    problems = []
+    for arg in unknown:
+        if not arg.startswith("-"):
+            continue
+        name = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(name.replace("-", "_"), known, n=1)
+        problems.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return problems
 
 
 def check_inputs(patterns: Sequence[str]) -> list[dict]:
@@ -142,9 +158,10 @@ def build(pipeline: beam.Pipeline, config: PcapFlowsConfig,
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the pipeline; returns the process exit code (0 ok, 1 nothing read, 2 usage)."""
-    options = PipelineOptions(list(sys.argv[1:] if argv is None else argv))
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    options = PipelineOptions(argv_list)
     try:
-        extra = unknown_flags(options)
+        extra = unknown_flags(options, argv_list)
         if extra:
             raise OptionsError(f"unknown option(s): {', '.join(extra)}")
         config = parse_config(options)

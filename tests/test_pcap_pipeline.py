@@ -154,7 +154,7 @@ def test_nothing_readable_exits_1(tmp_path, capsys):
     (["--input", "x.pcap", "--output", "o", "--idle_timeout", "0"],
      "--idle_timeout must be positive"),
     (["--input", "x.pcap", "--output", "o", "--idle-timeout", "5"],
-     "unknown option(s): --idle-timeout"),
+     "unknown option(s): --idle-timeout (did you mean --idle_timeout?)"),
 ])
 def test_bad_options_are_usage_errors(argv, message, capsys):
     assert run(argv) == 2
