@@ -118,7 +118,7 @@ def test_tcp_and_udp_flows_equal_nfstream(compared):
 
 
 def test_icmp_totals_per_address_pair_equal_nfstream(compared):
-    name, ours, theirs = compared
+    _, ours, theirs = compared
     def totals(rows, key):
         sums = defaultdict(lambda: [0, 0])
         for row in rows:
