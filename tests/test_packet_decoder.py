@@ -5,6 +5,7 @@ captures (skipped when the shared captures are absent)."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import ipaddress
 import struct
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from transforms.packet_decoder import (
     COLUMN_DTYPES,
     COLUMN_NAMES,
+    MAX_TIMESTAMP_US,
     PacketDecoder,
     build_columns,
     concat_columns,
@@ -760,3 +762,15 @@ def test_paths_agree_on_every_real_capture(name: str) -> None:
     assert_columns_equal(fast_cols, slow_cols)
     assert fast.errors == slow.errors
     assert len(fast_cols) > 0
+
+
+def test_timestamps_beyond_year_9999_are_counted_not_decoded() -> None:
+    frames = [ethernet(ipv4(17, udp(1, 2)), 0x0800) for _ in range(3)]
+    batch = make_batch(frames)
+    ts = batch.ts_us.copy()
+    ts[1] = MAX_TIMESTAMP_US + 1
+    batch = dataclasses.replace(batch, ts_us=ts)
+    decoder = PacketDecoder()
+    cols = decoder.decode(batch)
+    assert cols.ts_us.tolist() == [batch.ts_us[0], batch.ts_us[2]]
+    assert decoder.errors == collections.Counter({"timestamp_out_of_range": 1})

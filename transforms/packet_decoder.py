@@ -77,6 +77,14 @@ COLUMN_DTYPES: dict[str, np.dtype] = {
 COLUMN_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PacketColumns))
 
 
+def _select_records(batch: RecordBatch, mask: np.ndarray) -> RecordBatch:
+    """The records of ``batch`` where ``mask`` is true (over the same byte buffer)."""
+    return dataclasses.replace(
+        batch, offsets=batch.offsets[mask], caplen=batch.caplen[mask],
+        wirelen=batch.wirelen[mask], ts_us=batch.ts_us[mask], linktype=batch.linktype[mask],
+        file_offsets=batch.file_offsets[mask])
+
+
 def build_columns(**arrays: object) -> PacketColumns:
     """Build ``PacketColumns`` from array-likes, coerced to the documented dtypes.
 
@@ -165,6 +173,10 @@ BAD_IP_HEADER_LENGTH = "bad_ip_header_length"
 BAD_IP_TOTAL_LENGTH = "bad_ip_total_length"
 NOT_IP = "not_ip"
 UNKNOWN_LINKTYPE = "unknown_linktype"
+TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
+
+# 9999-12-31T23:59:59.999999Z: the last instant a flow row (and a BigQuery TIMESTAMP) can hold.
+MAX_TIMESTAMP_US = 253_402_300_799_999_999
 TRUNCATED_TRANSPORT = "truncated_transport"
 BAD_IPV6_EXTENSION_HEADER = "bad_ipv6_extension_header"
 
@@ -759,6 +771,12 @@ class PacketDecoder:
 
     def decode(self, batch: RecordBatch) -> PacketColumns:
         """Flow fields of the packets of ``batch`` that yielded an IP flow observation."""
+        in_range = batch.ts_us <= MAX_TIMESTAMP_US
+        if not in_range.all():
+            # A capture writer's garbage timestamps: counted, not turned into flows that no
+            # sink could store.
+            self.errors[TIMESTAMP_OUT_OF_RANGE] += int(np.count_nonzero(~in_range))
+            batch = _select_records(batch, in_range)
         return self._decode(batch, vectorised=True)
 
     def flush(self) -> PacketColumns:
