@@ -21,8 +21,16 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from transforms.bigquery_sink import (
+    BigQueryConfig,
+    BigQueryConfigError,
+    WriteDeadLettersToBigQuery,
+    WriteFlowsToBigQuery,
+    prepare_table,
+    resolve_config,
+)
 from transforms.build_flows import DEFAULT_SHARDS, BuildFlows
-from transforms.dead_letters import dead_letter
+from transforms.dead_letters import CountDeadLettersFn, dead_letter
 from transforms.local_sink import WriteDeadLetters, WriteFlowsToParquet
 from transforms.option_defaults import env_default
 from transforms.pcap_source import DecodeCaptures
@@ -43,7 +51,8 @@ class PcapFlowsOptions(PipelineOptions):
                  "FLOWBEAM_INPUT may hold several, separated by commas.")
         parser.add_argument(
             "--output", default=env_default("output"),
-            help="Directory for flows-*.parquet and errors-*.jsonl (the local sink).")
+            help="Directory for flows-*.parquet and errors-*.jsonl (the local sink). Required "
+                 "unless flows go to BigQuery (--output_table or --bq_dataset).")
         parser.add_argument(
             "--idle_timeout", type=float, default=env_default("idle_timeout", 120.0),
             help="Seconds without a packet that close a flow (default 120).")
@@ -76,15 +85,18 @@ class PcapFlowsConfig:
     flow_shards: int
 
 
-def parse_config(options: PipelineOptions) -> PcapFlowsConfig:
-    """Validate the options; raise ``OptionsError`` with a message a user can act on."""
+def parse_config(options: PipelineOptions, to_bigquery: bool = False) -> PcapFlowsConfig:
+    """Validate the options; raise ``OptionsError`` with a message a user can act on.
+
+    ``to_bigquery``: flows go to BigQuery, so the local sink (``--output``) is optional.
+    """
     opts = options.view_as(PcapFlowsOptions)
     from_env = str(env_default("input", "")).split(",")
     inputs = opts.input or [pattern.strip() for pattern in from_env if pattern.strip()]
     if not inputs:
         raise OptionsError("--input is required (a capture file, glob, gs:// or s3:// path)")
-    if not opts.output:
-        raise OptionsError("--output DIR is required")
+    if not opts.output and not to_bigquery:
+        raise OptionsError("--output DIR (or a BigQuery table: --output_table) is required")
     if opts.idle_timeout <= 0:
         raise OptionsError(f"--idle_timeout must be positive, got {opts.idle_timeout}")
     if opts.active_timeout <= 0:
@@ -135,8 +147,14 @@ def check_inputs(patterns: Sequence[str]) -> list[dict]:
 
 
 def build(pipeline: beam.Pipeline, config: PcapFlowsConfig,
-          startup_dead_letters: Sequence[dict] = ()) -> dict[str, beam.PCollection]:
-    """Wire the pipeline: patterns -> fragments -> flows -> local sink (and dead letters)."""
+          startup_dead_letters: Sequence[dict] = (),
+          bigquery: BigQueryConfig | None = None) -> dict[str, beam.PCollection]:
+    """Wire the pipeline: patterns -> fragments -> flows -> local sink and/or BigQuery.
+
+    Dead letters (unreadable inputs, rows BigQuery rejected) go to the local errors file when
+    there is a local sink, else to the BigQuery errors table (rejected rows are written there
+    by the BigQuery sink itself).
+    """
     decoded = (
         pipeline
         | "Patterns" >> beam.Create(list(config.inputs))
@@ -145,14 +163,25 @@ def build(pipeline: beam.Pipeline, config: PcapFlowsConfig,
     )
     flows = decoded.fragments | "BuildFlows" >> BuildFlows(
         config.idle_timeout_s, config.active_timeout_s, source="pcap", shards=config.flow_shards)
-    dead_letters = (
+    input_dead_letters = (
         (decoded.dead_letters,
          pipeline | "StartupDeadLetters" >> beam.Create(list(startup_dead_letters)))
+        | "InputDeadLetters" >> beam.Flatten()
+    )
+    rejected = []
+    if bigquery is not None:
+        rejected.append(flows | "WriteFlowsToBigQuery" >> WriteFlowsToBigQuery(bigquery))
+    dead_letters = (
+        (input_dead_letters, *rejected)
         | "AllDeadLetters" >> beam.Flatten()
+        | "CountDeadLetters" >> beam.ParDo(CountDeadLettersFn())
     )
     if config.output:
         _ = flows | "WriteFlows" >> WriteFlowsToParquet(config.output)
         _ = dead_letters | "WriteDeadLetters" >> WriteDeadLetters(config.output)
+    elif bigquery is not None:
+        _ = input_dead_letters | "WriteDeadLettersToBigQuery" >> WriteDeadLettersToBigQuery(
+            bigquery)
     return {"flows": flows, "dead_letters": dead_letters}
 
 
@@ -164,8 +193,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         extra = unknown_flags(options, argv_list)
         if extra:
             raise OptionsError(f"unknown option(s): {', '.join(extra)}")
-        config = parse_config(options)
-    except OptionsError as error:
+        bigquery = resolve_config(options)
+        config = parse_config(options, to_bigquery=bigquery is not None)
+    except (OptionsError, BigQueryConfigError) as error:
         print(f"flowbeam: error: {error}", file=sys.stderr)
         return USAGE_ERROR
     standard = options.view_as(StandardOptions)
@@ -176,9 +206,15 @@ def run(argv: Sequence[str] | None = None) -> int:
     if len(startup_dead_letters) == len(config.inputs):
         print("flowbeam: nothing to read", file=sys.stderr)
         return 1
+    if bigquery is not None:
+        try:
+            prepare_table(bigquery)  # an incompatible table fails here, before any work
+        except BigQueryConfigError as error:
+            print(f"flowbeam: error: {error}", file=sys.stderr)
+            return USAGE_ERROR
     started = time.monotonic()
     pipeline = beam.Pipeline(options=options)
-    build(pipeline, config, startup_dead_letters)
+    build(pipeline, config, startup_dead_letters, bigquery)
     result = pipeline.run()
     result.wait_until_finish()
     summary: RunSummary = summarize(result, time.monotonic() - started)

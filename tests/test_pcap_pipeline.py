@@ -150,7 +150,7 @@ def test_nothing_readable_exits_1(tmp_path, capsys):
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--output", "o"], "--input is required"),
-    (["--input", "x.pcap"], "--output DIR is required"),
+    (["--input", "x.pcap"], "--output DIR (or a BigQuery table: --output_table) is required"),
     (["--input", "x.pcap", "--output", "o", "--idle_timeout", "0"],
      "--idle_timeout must be positive"),
     (["--input", "x.pcap", "--output", "o", "--idle-timeout", "5"],

@@ -8,7 +8,11 @@ become one dead letter each, written beside the flows (``errors-*.jsonl`` locall
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
 
 DEAD_LETTER_TAG = "dead_letters"
 
@@ -33,3 +37,14 @@ def dead_letter(
 def to_json_line(record: dict[str, Any]) -> str:
     """Serialise a dead letter for the local errors file; unknown types become strings."""
     return json.dumps(record, sort_keys=True, default=str)
+
+
+class CountDeadLettersFn(beam.DoFn):
+    """Passes dead letters through, counting them for the run summary."""
+
+    def __init__(self) -> None:
+        self._dead_letters = Metrics.counter("flowbeam", "dead_letters")
+
+    def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        self._dead_letters.inc()
+        yield record

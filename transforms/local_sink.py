@@ -14,7 +14,6 @@ from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam.metrics import Metrics
 
 from transforms.dead_letters import to_json_line
 from transforms.flow_schema import arrow_schema
@@ -50,14 +49,8 @@ class WriteFlowsToParquet(beam.PTransform):
         )
 
 
-class CountDeadLetters(beam.DoFn):
-    """Counts dead letters (for the run summary) and serialises them as JSON lines."""
-
-    def __init__(self) -> None:
-        self._dead_letters = Metrics.counter("flowbeam", "dead_letters")
-
+class DeadLetterToJsonLine(beam.DoFn):
     def process(self, record: dict[str, Any]) -> Iterator[str]:
-        self._dead_letters.inc()
         yield to_json_line(record)
 
 
@@ -71,6 +64,6 @@ class WriteDeadLetters(beam.PTransform):
     def expand(self, dead_letters: beam.PCollection) -> beam.pvalue.PDone:
         return (
             dead_letters
-            | "ToJsonLines" >> beam.ParDo(CountDeadLetters())
+            | "ToJsonLines" >> beam.ParDo(DeadLetterToJsonLine())
             | "WriteJsonLines" >> beam.io.WriteToText(self._prefix, file_name_suffix=".jsonl")
         )
