@@ -238,3 +238,14 @@ def test_sides_are_reported_from_the_initiator():
                    packet(T0 + 1, CLIENT, 5, SERVER, 80, protocol=17, size=3)]
     [row], *_ = rows_of(reply_first)
     assert (row["src_addr"], row["src_bytes"], row["dst_bytes"]) == (SERVER, 7, 3)
+
+
+def test_a_continuation_is_kept_while_its_next_row_is_not_final():
+    active = 10 * S
+    fragments = [packet(T0 + s * S, CLIENT, 9, SERVER, 7, protocol=17) for s in range(12)]
+    _, kept, continuation, _ = advance(fragments, IDLE, active, T0 + 11 * S)
+    assert continuation is not None
+    # A later timer fires before the second row is final: nothing out, same continuation.
+    rows, kept_again, still, due = advance(kept, IDLE, active, T0 + 12 * S, continuation)
+    assert rows == [] and still == continuation and due == T0 + 11 * S + IDLE
+    assert sum(f.a_packets + f.b_packets for f in kept_again) == 2

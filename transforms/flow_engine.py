@@ -252,7 +252,9 @@ def advance(
         return emitted, [], None, None
     kept_rows = rows[kept_from:]
     new_continuation = None
-    if not kept_rows[0].new_flow:
+    if not kept_rows[0].new_flow and not emitted:
+        new_continuation = continuation  # nothing final yet: the flow goes on as it was
+    elif not kept_rows[0].new_flow:
         last = emitted[-1].fragment
         new_continuation = Continuation(
             last.key, src_side,
