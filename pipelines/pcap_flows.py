@@ -202,6 +202,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     if standard.runner is None:
         # The DirectRunner's in-process engine, without its Prism probe (a download).
         standard.runner = "FnApiRunner"
+    FileSystems.set_options(options)  # s3:// and gs:// credentials, endpoints, regions
     startup_dead_letters = check_inputs(config.inputs)
     if len(startup_dead_letters) == len(config.inputs):
         print("flowbeam: nothing to read", file=sys.stderr)
