@@ -103,8 +103,21 @@ _MAX_VLAN = 0xFFFE  # stored as vlan + 1 in 16 bits
 _KEY_FIELDS = ("misc", "a_hi", "a_lo", "b_hi", "b_lo", "hash")
 
 
+class _Columns:
+    """A dataclass of equal-length arrays: joined and sliced column by column."""
+
+    @classmethod
+    def join(cls, parts: list) -> _Columns:
+        if len(parts) == 1:
+            return parts[0]
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+    def take(self, index: np.ndarray) -> _Columns:
+        return type(self)(*(getattr(self, f.name)[index] for f in fields(self)))
+
+
 @dataclass
-class _Staged:
+class _Staged(_Columns):
     """One batch of packets as key columns: what ``add`` keeps until the next flush."""
 
     t2: np.ndarray  # int64: ts_us * 2 + side (side 1 = B), so sorting by t2 is (time, side)
@@ -120,18 +133,9 @@ class _Staged:
     def __len__(self) -> int:
         return len(self.t2)
 
-    @classmethod
-    def concat(cls, parts: list[_Staged]) -> _Staged:
-        if len(parts) == 1:
-            return parts[0]
-        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
-
-    def select(self, index: np.ndarray) -> _Staged:
-        return _Staged(*(getattr(self, f.name)[index] for f in fields(self)))
-
 
 @dataclass
-class _Rows:
+class _Rows(_Columns):
     """Rows as columns: the open rows, rows waiting to be emitted, a window's reduced rows.
 
     Flags hold side A in the low byte and side B in the high byte; ``t2`` is
@@ -168,15 +172,9 @@ class _Rows:
 
     @classmethod
     def concat(cls, parts: list[_Rows]) -> _Rows:
+        """Joined non-empty parts (the empty rows when there are none)."""
         parts = [p for p in parts if len(p)]
-        if not parts:
-            return cls.empty()
-        if len(parts) == 1:
-            return parts[0]
-        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
-
-    def take(self, index: np.ndarray) -> _Rows:
-        return _Rows(*(getattr(self, f.name)[index] for f in fields(self)))
+        return cls.join(parts) if parts else cls.empty()
 
 
 @dataclass
@@ -312,7 +310,7 @@ class FragmentAggregator:
         if not final:
             self._cut = self._next_cut(parts)
             parts, held = _split_at(parts, self._cut)
-            self._held = _Staged.concat(held) if held else None
+            self._held = _Staged.join(held) if held else None
         late = previous_cut is not None and any(
             int(part.t2.min() >> 1) < previous_cut for part in parts)
         window = _Window(self._idle, self._active, None if final else self._cut,
@@ -348,8 +346,8 @@ def _split_at(parts: list[_Staged], cut: int) -> tuple[list[_Staged], list[_Stag
         elif hold.all():
             after.append(part)
         else:
-            before.append(part.select(~hold))
-            after.append(part.select(hold))
+            before.append(part.take(~hold))
+            after.append(part.take(hold))
     return before, after
 
 
