@@ -24,6 +24,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from transforms.bigquery_sink import (
     BigQueryConfig,
     BigQueryConfigError,
+    BigQueryOptions,
     WriteDeadLettersToBigQuery,
     WriteFlowsToBigQuery,
     prepare_table,
@@ -185,9 +186,23 @@ def build(pipeline: beam.Pipeline, config: PcapFlowsConfig,
     return {"flows": flows, "dead_letters": dead_letters}
 
 
+def print_help() -> None:
+    """flowbeam's own options (Beam's PipelineOptions --help lists none of them)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.pcap_flows", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Beam's own options (--runner, --project, --temp_location, ...) apply as usual.")
+    PcapFlowsOptions._add_argparse_args(parser.add_argument_group("pcap pipeline"))
+    BigQueryOptions._add_argparse_args(parser.add_argument_group("BigQuery sink"))
+    parser.print_help()
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the pipeline; returns the process exit code (0 ok, 1 nothing read, 2 usage)."""
     argv_list = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv_list or "--help" in argv_list:
+        print_help()
+        return 0
     options = PipelineOptions(argv_list)
     try:
         extra = unknown_flags(options, argv_list)

@@ -196,3 +196,11 @@ def test_a_short_idle_timeout_splits_flows(tmp_path):
     assert run(["--input", str(path), "--output", str(tmp_path / "b"), RUNNER,
                 "--idle_timeout", "2"]) == 0
     assert sorted(r["src_packets"] for r in read_flows(tmp_path / "b")) == [1, 1]
+
+
+def test_help_lists_flowbeam_options(capsys):
+    assert run(["--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--input", "--output", "--idle_timeout", "--active_timeout",
+                 "--byte_accounting", "--output_table", "--bq_endpoint"):
+        assert flag in out
