@@ -41,6 +41,7 @@ from apache_beam.transforms.userstate import (
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.flow_engine import Continuation, Fragment, advance
+from transforms.flow_row_coder import FlowRecord
 from transforms.flow_rows import to_flow_row
 
 DEFAULT_SHARDS = 256
@@ -165,4 +166,5 @@ class BuildFlows(beam.PTransform):
             .with_output_types(tuple[int, list])
             | "MergeFragments" >> beam.ParDo(MergeFragmentsFn(
                 self._idle_us, self._active_us, self._source, fragment_batches.is_bounded))
+            .with_output_types(FlowRecord)
         )
