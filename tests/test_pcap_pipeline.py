@@ -204,3 +204,15 @@ def test_help_lists_flowbeam_options(capsys):
     for flag in ("--input", "--output", "--idle_timeout", "--active_timeout",
                  "--byte_accounting", "--output_table", "--bq_endpoint"):
         assert flag in out
+
+
+def test_unknown_link_type_is_counted_and_reported_once_per_file(tmp_path, capsys, caplog):
+    path = tmp_path / "user0.pcap"
+    with open(path, "wb") as stream:
+        write_pcap(stream, [CapturedPacket(10**18 + i, b"\x00" * 40) for i in range(3)],
+                   linktype=147)
+    assert run(["--input", str(path), "--output", str(tmp_path / "out"), RUNNER]) == 0
+    assert "skipped packets 3 unknown_linktype" in capsys.readouterr().out
+    reports = [r.getMessage() for r in caplog.records if "link type 147" in r.getMessage()]
+    assert reports == [f"flowbeam: {path}: link type 147 is not supported; its packets were "
+                       "skipped"]
