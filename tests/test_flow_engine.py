@@ -249,3 +249,15 @@ def test_a_continuation_is_kept_while_its_next_row_is_not_final():
     rows, kept_again, still, due = advance(kept, IDLE, active, T0 + 12 * S, continuation)
     assert rows == [] and still == continuation and due == T0 + 11 * S + IDLE
     assert sum(f.a_packets + f.b_packets for f in kept_again) == 2
+
+
+def test_a_flow_seen_in_one_fragment_gets_the_same_row_as_its_packets():
+    """A decoder's pre-merged fragment takes the one-fragment shortcut; its packets take the
+    general path: same row."""
+    packets = handshake(T0) + closing(T0 + S)
+    merged = merge(packets)
+    assert advance([merged], IDLE, ACTIVE, None) == advance(packets, IDLE, ACTIVE, None)
+    [row], *_ = rows_of([merged])
+    assert (row["src_addr"], row["status"]) == (CLIENT, END_OF_FLOW)
+    cut_off = merge(handshake(T0))._replace(open_at_end=True)
+    assert advance([cut_off], IDLE, ACTIVE, None)[0][0].status == FORCED_END

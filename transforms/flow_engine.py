@@ -142,6 +142,11 @@ def has_ended(a_flags: int, b_flags: int) -> bool:
     return bool((a_flags & b_flags & TCP_FIN) or ((a_flags | b_flags) & TCP_RST))
 
 
+def closing_status(a_flags: int, b_flags: int) -> str:
+    """Why a flow's last row is emitted when no later fragment belongs to it."""
+    return END_OF_FLOW if has_ended(a_flags, b_flags) else IDLE_TIMEOUT
+
+
 def starts_with_pure_syn(fragment: Fragment) -> bool:
     return fragment.syn_us != NO_TIME and fragment.syn_us == fragment.first_us
 
@@ -184,7 +189,7 @@ def split_rows(
             row = _Row(f, new_flow=not continues)
             rows.append(row)
         elif f.first_us - flow_last >= idle_us:
-            row.status = END_OF_FLOW if has_ended(a_flags, b_flags) else IDLE_TIMEOUT
+            row.status = closing_status(a_flags, b_flags)
             row.final_at = flow_last + idle_us
             row = _Row(f, new_flow=True)
             rows.append(row)
@@ -206,7 +211,7 @@ def split_rows(
         a_flags |= f.a_flags
         b_flags |= f.b_flags
     if row is not None:
-        row.status = END_OF_FLOW if has_ended(a_flags, b_flags) else IDLE_TIMEOUT
+        row.status = closing_status(a_flags, b_flags)
         row.final_at = flow_last + idle_us
     return rows
 
@@ -229,6 +234,11 @@ def advance(
     keep, the continuation to keep (when an emitted active-timeout row's flow goes on), and the
     time at which something more could be emitted (``None`` when nothing is kept).
     """
+    if now_us is None and continuation is None and len(fragments) == 1:
+        # Most keys in a batch run: one fragment, one row (what the general path gives too).
+        only = fragments[0]
+        status = _at_end_of_input(closing_status(only.a_flags, only.b_flags), only)
+        return [FlowRow(only, initiator(only), status)], [], None, None
     rows = split_rows(fragments, idle_us, active_us, continuation)
     emitted: list[FlowRow] = []
     src_side = continuation.src_side if continuation else SIDE_A
@@ -244,9 +254,8 @@ def advance(
             flow_flags = (0, 0)
         flow_flags = (flow_flags[0] | merged.a_flags, flow_flags[1] | merged.b_flags)
         status = row.status
-        if now_us is None and index == len(rows) - 1 and status == IDLE_TIMEOUT and (
-                merged.open_at_end):
-            status = FORCED_END
+        if now_us is None and index == len(rows) - 1:
+            status = _at_end_of_input(status, merged)
         emitted.append(FlowRow(merged, src_side, status))
     if kept_from == len(rows):
         return emitted, [], None, None
@@ -262,6 +271,12 @@ def advance(
             flow_flags[0], flow_flags[1])
     kept = [part for row in kept_rows for part in _compact(row.fragments, now_us)]
     return emitted, kept, new_continuation, kept_rows[0].final_at
+
+
+def _at_end_of_input(status: str, last: Fragment) -> str:
+    """The last row's status once the input has ended: a flow still within its idle timeout
+    when its input ended was cut off (forced end), not timed out."""
+    return FORCED_END if status == IDLE_TIMEOUT and last.open_at_end else status
 
 
 def _compact(fragments: list[Fragment], now_us: int | None) -> list[Fragment]:
