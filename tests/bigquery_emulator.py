@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,13 +45,6 @@ class EmulatorUnavailable(RuntimeError):
     """The emulator could not be started here (not installed, or it died at start-up)."""
 
 
-def _free_port() -> int:
-    """A port the kernel just considered free on 127.0.0.1 (a small race is accepted)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 def _answers(url: str) -> bool:
     """Whether the emulator's readiness probe says it is ready."""
     try:
@@ -73,7 +65,11 @@ class BigQueryEmulator:
 
     def start(self) -> EmulatorEndpoint:
         """Launch the server and wait until it answers; raises EmulatorUnavailable."""
-        rest_port, grpc_port = _free_port(), _free_port()
+        # Imported here: this file also runs as the launcher script, where ``tests`` is not
+        # importable.
+        from tests.local_servers import free_port
+
+        rest_port, grpc_port = free_port(), free_port()
         env = dict(os.environ, BQEMU_ENABLE_FORMAT_EXTENSIONS="false", BQEMU_LOG_LEVEL="warning")
         command = [
             sys.executable, str(Path(__file__).resolve()), "start", "--ephemeral",

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,15 +15,10 @@ from apache_beam.internal.gcp import auth as beam_auth
 from flowbeam.capture_writer import write_pcap
 from flowbeam.synthetic import generate_packets, plan_traffic
 from pipelines.pcap_flows import run
+from tests.local_servers import free_port, running_server
 from tests.test_pcap_pipeline import as_expected, truth
 
 EMULATOR = Path(sys.executable).with_name("gcp-storage-emulator")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +26,6 @@ def gcs():
     if not EMULATOR.exists():
         pytest.skip(f"{EMULATOR} is absent (pip install gcp-storage-emulator)")
     port = free_port()
-    server = subprocess.Popen(
-        [str(EMULATOR), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
         env.setenv("NO_GCE_CHECK", "True")  # never probe a cloud metadata server
@@ -47,19 +36,18 @@ def gcs():
         env.setattr(beam_auth._Credentials, "_credentials", None)
         from google.cloud import storage
         client = storage.Client.create_anonymous_client()
-        deadline = time.monotonic() + 20
-        while True:
+
+        def bucket_created() -> bool:
             try:
                 client.create_bucket("captures")
-                break
             except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    server.kill()
-                    pytest.skip("gcp-storage-emulator did not start")
-                time.sleep(0.1)
-        yield client
-    server.terminate()
-    server.wait(timeout=10)
+                return False
+            return True
+
+        command = [str(EMULATOR), "start", "--host", "127.0.0.1", "--port", str(port),
+                   "--in-memory"]
+        with running_server(command, bucket_created, "gcp-storage-emulator"):
+            yield client
 
 
 def test_gs_glob_in_and_gs_directory_out(gcs):

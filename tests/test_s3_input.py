@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import gzip
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -16,6 +13,7 @@ from botocore.exceptions import EndpointConnectionError
 from flowbeam.capture_writer import write_pcap
 from flowbeam.synthetic import generate_packets, plan_traffic
 from pipelines.pcap_flows import run
+from tests.local_servers import free_port, running_server
 from tests.test_pcap_pipeline import as_expected, read_errors, read_flows, truth
 
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
@@ -23,34 +21,24 @@ CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing
                "region_name": "us-east-1"}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint():
     if not MOTO_SERVER.exists():
         pytest.skip(f"{MOTO_SERVER} is absent (pip install 'moto[server]')")
     port = free_port()
-    server = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     client = boto3.client("s3", endpoint_url=url, **CREDENTIALS)
-    deadline = time.monotonic() + 20
-    while True:
+
+    def answers() -> bool:
         try:
             client.list_buckets()
-            break
         except EndpointConnectionError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.skip("moto_server did not start")
-            time.sleep(0.1)
-    yield url, client
-    server.terminate()
-    server.wait(timeout=10)
+            return False
+        return True
+
+    with running_server([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)], answers,
+                        "moto_server"):
+        yield url, client
 
 
 def s3_flags(url: str) -> list[str]:
