@@ -14,12 +14,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transforms.capture_reader import read_capture
-from transforms.flow_engine import advance
-from transforms.flow_rows import to_flow_row
+from flowbeam.capture.reader import read_capture
+from flowbeam.flows.engine import advance
+from flowbeam.flows.records import to_flow_row
+from flowbeam.packets.aggregation import FragmentAggregator
+from flowbeam.packets.decoder import PacketDecoder
 from transforms.local_sink import RowsToArrowTable
-from transforms.packet_aggregation import FragmentAggregator
-from transforms.packet_decoder import PacketDecoder
 
 IDLE_US, ACTIVE_US = 120_000_000, 1_800_000_000
 

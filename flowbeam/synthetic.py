@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowbeam.capture_writer import CapturedPacket, write_pcap
+from flowbeam.capture.writer import CapturedPacket, write_pcap
 
 TCP_KIND, UDP_KIND, ICMP_KIND = 0, 1, 2
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10

@@ -21,6 +21,8 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from pipelines.options import env_default
+from pipelines.summary import RunSummary, summarize
 from transforms.bigquery_sink import (
     BigQueryConfig,
     BigQueryConfigError,
@@ -31,11 +33,9 @@ from transforms.bigquery_sink import (
     resolve_config,
 )
 from transforms.build_flows import DEFAULT_SHARDS, BuildFlows
+from transforms.capture_files import DecodeCaptures
 from transforms.dead_letters import CountDeadLettersFn, dead_letter
 from transforms.local_sink import WriteDeadLetters, WriteFlowsToParquet
-from transforms.option_defaults import env_default
-from transforms.pcap_source import DecodeCaptures
-from transforms.run_summary import RunSummary, summarize
 
 LOG = logging.getLogger(__name__)
 USAGE_ERROR = 2

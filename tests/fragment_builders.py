@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from transforms.flow_engine import NO_TIME, SIDE_A, TCP_ACK, TCP_SYN, Fragment, order_key
+from flowbeam.flows.engine import NO_TIME, SIDE_A, TCP_ACK, TCP_SYN, Fragment, order_key
 
 S = 1_000_000  # one second in microseconds
 

@@ -11,13 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 from google.cloud import bigquery
 
+from flowbeam.flows.schema import FLOW_COLUMN_NAMES
 from pipelines.pcap_flows import run
 from tests.bigquery_emulator import (
     EmulatorEndpoint,
     bigquery_emulator_fixture,  # noqa: F401 (pytest fixture)
 )
 from transforms.bigquery_sink import STREAMING_INSERTS, BigQueryConfig, TableRef, cloud_client
-from transforms.flow_schema import FLOW_COLUMN_NAMES
 
 PCAPS = Path(__file__).resolve().parents[2] / "shared/data/pcaps"
 CAPTURE = "ppp_sll"  # 16 flows, nfstream agrees; zeek_http-vlan has a single flow

@@ -35,6 +35,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.utils.timestamp import Timestamp
 from google.cloud import bigquery
 
+from flowbeam.flows.schema import FLOW_COLUMN_NAMES, FLOW_COLUMNS
 from tests.bigquery_emulator import (
     EmulatorEndpoint,
     bigquery_emulator_fixture,  # noqa: F401 (pytest fixture)
@@ -67,7 +68,6 @@ from transforms.bigquery_sink import (
     to_bigquery_row,
 )
 from transforms.dead_letters import dead_letter
-from transforms.flow_schema import FLOW_COLUMN_NAMES, FLOW_COLUMNS
 
 SECRET = "SECRET-KEY-MATERIAL-7f3a9c"
 

@@ -11,9 +11,7 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
-from tests.fragment_builders import S, packet
-from transforms.build_flows import BuildFlows
-from transforms.flow_engine import (
+from flowbeam.flows.engine import (
     ACTIVE_TIMEOUT,
     END_OF_FLOW,
     IDLE_TIMEOUT,
@@ -21,6 +19,8 @@ from transforms.flow_engine import (
     TCP_FIN,
     TCP_SYN,
 )
+from tests.fragment_builders import S, packet
+from transforms.build_flows import BuildFlows
 
 T0 = 1_700_000_000 * S
 

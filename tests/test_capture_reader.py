@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import transforms.capture_reader as capture_reader
-from flowbeam.capture_writer import CapturedPacket, write_pcap, write_pcapng
-from transforms.capture_reader import (
+import flowbeam.capture.reader as capture_reader
+from flowbeam.capture.reader import (
     CaptureDamagedError,
     CaptureFormatError,
     CaptureStats,
     capture_kind,
     read_capture,
 )
-from transforms.records import RecordBatch
+from flowbeam.capture.records import RecordBatch
+from flowbeam.capture.writer import CapturedPacket, write_pcap, write_pcapng
 
 PCAPS = Path(__file__).resolve().parents[2] / "shared/data/pcaps"
 

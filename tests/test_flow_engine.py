@@ -6,9 +6,8 @@ import random
 
 import communityid
 
-from tests.fragment_builders import S, packet
-from transforms.community_id import community_id
-from transforms.flow_engine import (
+from flowbeam.flows.community_id import community_id
+from flowbeam.flows.engine import (
     ACTIVE_TIMEOUT,
     END_OF_FLOW,
     FORCED_END,
@@ -22,7 +21,8 @@ from transforms.flow_engine import (
     advance,
     merge,
 )
-from transforms.flow_rows import to_flow_row
+from flowbeam.flows.records import to_flow_row
+from tests.fragment_builders import S, packet
 
 IDLE = 120 * S
 ACTIVE = 1800 * S

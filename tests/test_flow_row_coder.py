@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from apache_beam import coders
 
+from flowbeam.flows.engine import advance
+from flowbeam.flows.records import to_flow_row
 from tests.fragment_builders import S, packet
-from transforms.flow_engine import advance
-from transforms.flow_row_coder import FlowRecord, FlowRowCoder
-from transforms.flow_rows import to_flow_row
+from transforms.flow_record_coder import FlowRecord, FlowRowCoder
 
 
 def test_rows_round_trip_exactly():

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.internal.gcp import auth as beam_auth
 
-from flowbeam.capture_writer import write_pcap
+from flowbeam.capture.writer import write_pcap
 from flowbeam.synthetic import generate_packets, plan_traffic
 from pipelines.pcap_flows import run
 from tests.local_servers import free_port, running_server

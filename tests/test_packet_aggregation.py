@@ -15,8 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
-from transforms import packet_aggregation
-from transforms.flow_engine import (
+from flowbeam.flows.engine import (
     NO_TIME,
     SIDE_A,
     SIDE_B,
@@ -28,8 +27,9 @@ from transforms.flow_engine import (
     advance,
     order_key,
 )
-from transforms.packet_aggregation import FragmentAggregator
-from transforms.records import PacketColumns
+from flowbeam.packets import aggregation as packet_aggregation
+from flowbeam.packets.aggregation import FragmentAggregator
+from flowbeam.packets.columns import PacketColumns
 
 IDLE = 1_000
 ACTIVE = 10_000

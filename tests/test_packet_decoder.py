@@ -1,4 +1,4 @@
-"""Tests of transforms.packet_decoder: exact columns for hand-built packets, fragment tracking,
+"""Tests of flowbeam.packets.decoder: exact columns for hand-built packets, fragment tracking,
 error counting, vectorised path == per-packet path, and dpkt as an independent peer on real
 captures (skipped when the shared captures are absent)."""
 
@@ -14,16 +14,16 @@ import dpkt
 import numpy as np
 import pytest
 
-from transforms.packet_decoder import (
+from flowbeam.capture.records import RecordBatch
+from flowbeam.packets.columns import (
     COLUMN_DTYPES,
     COLUMN_NAMES,
-    MAX_TIMESTAMP_US,
-    PacketDecoder,
+    PacketColumns,
     build_columns,
     concat_columns,
     empty_columns,
 )
-from transforms.records import PacketColumns, RecordBatch
+from flowbeam.packets.decoder import MAX_TIMESTAMP_US, PacketDecoder
 
 PCAPS = Path(__file__).resolve().parents[2] / "shared/data/pcaps"
 

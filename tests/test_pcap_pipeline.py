@@ -12,10 +12,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from flowbeam.capture_writer import CapturedPacket, write_pcap
+from flowbeam.capture.writer import CapturedPacket, write_pcap
+from flowbeam.flows.schema import FLOW_COLUMN_NAMES, arrow_schema
 from flowbeam.synthetic import expected_flows, generate_packets, plan_traffic, write_capture
 from pipelines.pcap_flows import run
-from transforms.flow_schema import FLOW_COLUMN_NAMES, arrow_schema
 
 RUNNER = "--runner=FnApiRunner"
 

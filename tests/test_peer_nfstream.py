@@ -27,9 +27,9 @@ from pathlib import Path
 import dpkt
 import pytest
 
+from flowbeam.flows.community_id import ICMP_COUNTERPARTS, ICMPV6_COUNTERPARTS
 from pipelines.pcap_flows import run
 from tests.test_pcap_pipeline import read_flows
-from transforms.community_id import ICMP_COUNTERPARTS, ICMPV6_COUNTERPARTS
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pcaps"
 NAMES = sorted(Path(p).name.removesuffix(".nfstream.csv")

@@ -10,7 +10,7 @@ import boto3
 import pytest
 from botocore.exceptions import EndpointConnectionError
 
-from flowbeam.capture_writer import write_pcap
+from flowbeam.capture.writer import write_pcap
 from flowbeam.synthetic import generate_packets, plan_traffic
 from pipelines.pcap_flows import run
 from tests.local_servers import free_port, running_server

@@ -60,9 +60,9 @@ from google.cloud import bigquery
 from google.oauth2 import service_account
 from google_auth_httplib2 import AuthorizedHttp
 
+from flowbeam.flows.schema import FLOW_COLUMNS, Column
+from pipelines.options import env_default
 from transforms.dead_letters import dead_letter
-from transforms.flow_schema import FLOW_COLUMNS, Column
-from transforms.option_defaults import env_default
 
 LOG = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ from apache_beam.transforms.userstate import (
 )
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms.flow_engine import Continuation, Fragment, advance
-from transforms.flow_row_coder import FlowRecord
-from transforms.flow_rows import to_flow_row
+from flowbeam.flows.engine import Continuation, Fragment, advance
+from flowbeam.flows.records import to_flow_row
+from transforms.flow_record_coder import FlowRecord
 
 DEFAULT_SHARDS = 256
 

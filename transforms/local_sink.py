@@ -15,8 +15,8 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 
+from flowbeam.flows.schema import arrow_schema
 from transforms.dead_letters import to_json_line
-from transforms.flow_schema import arrow_schema
 
 FLOWS_PREFIX = "flows"
 ERRORS_PREFIX = "errors"

@@ -14,8 +14,8 @@ from typing import Any
 
 from apache_beam import coders
 
-from transforms.flow_rows import timestamp
-from transforms.flow_schema import FLOW_COLUMNS
+from flowbeam.flows.records import timestamp
+from flowbeam.flows.schema import FLOW_COLUMNS
 
 _TIMESTAMP_COLUMNS = frozenset(c.name for c in FLOW_COLUMNS if c.bigquery_type == "TIMESTAMP")
 _EPOCH = timestamp(0)

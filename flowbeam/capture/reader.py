@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from transforms.records import RecordBatch
+from flowbeam.capture.records import RecordBatch
 
 __all__ = [
     "CaptureDamagedError",

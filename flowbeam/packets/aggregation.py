@@ -75,7 +75,7 @@ from itertools import chain, repeat
 
 import numpy as np
 
-from transforms.flow_engine import (
+from flowbeam.flows.engine import (
     NO_TIME,
     SIDE_A,
     TCP_ACK,
@@ -88,7 +88,7 @@ from transforms.flow_engine import (
     merge,
     split_rows,
 )
-from transforms.records import PacketColumns
+from flowbeam.packets.columns import PacketColumns
 
 DEFAULT_MAX_DISORDER_US = 100_000
 MIN_HOLD_BACK_PACKETS = 4096

@@ -8,8 +8,8 @@ import struct
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from transforms.community_id import community_id
-from transforms.flow_engine import SIDE_A, TCP, FlowKey, FlowRow
+from flowbeam.flows.community_id import community_id
+from flowbeam.flows.engine import SIDE_A, TCP, FlowKey, FlowRow
 
 PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

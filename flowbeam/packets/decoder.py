@@ -55,26 +55,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from transforms.records import PacketColumns, RecordBatch
-
-# --- Public column helpers -------------------------------------------------------------------
-
-COLUMN_DTYPES: dict[str, np.dtype] = {
-    "ts_us": np.dtype(np.int64),
-    "ip_version": np.dtype(np.uint8),
-    "protocol": np.dtype(np.uint8),
-    "src_hi": np.dtype(np.uint64),
-    "src_lo": np.dtype(np.uint64),
-    "dst_hi": np.dtype(np.uint64),
-    "dst_lo": np.dtype(np.uint64),
-    "src_port": np.dtype(np.int32),
-    "dst_port": np.dtype(np.int32),
-    "vlan_id": np.dtype(np.int32),
-    "ip_bytes": np.dtype(np.int64),
-    "frame_bytes": np.dtype(np.int64),
-    "tcp_flags": np.dtype(np.uint8),
-}
-COLUMN_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PacketColumns))
+from flowbeam.capture.records import RecordBatch
+from flowbeam.packets.columns import (
+    COLUMN_DTYPES,
+    COLUMN_NAMES,
+    PacketColumns,
+    build_columns,
+    empty_columns,
+)
 
 
 def _select_records(batch: RecordBatch, mask: np.ndarray) -> RecordBatch:
@@ -83,37 +71,6 @@ def _select_records(batch: RecordBatch, mask: np.ndarray) -> RecordBatch:
         batch, offsets=batch.offsets[mask], caplen=batch.caplen[mask],
         wirelen=batch.wirelen[mask], ts_us=batch.ts_us[mask], linktype=batch.linktype[mask],
         file_offsets=batch.file_offsets[mask])
-
-
-def build_columns(**arrays: object) -> PacketColumns:
-    """Build ``PacketColumns`` from array-likes, coerced to the documented dtypes.
-
-    Every column must be given, all of the same length; tests and other decoders use this so
-    that dtypes never drift from what downstream sorting and reduction code expects.
-    """
-    missing = set(COLUMN_NAMES) - set(arrays)
-    extra = set(arrays) - set(COLUMN_NAMES)
-    if missing or extra:
-        raise TypeError(f"build_columns: missing {sorted(missing)}, unexpected {sorted(extra)}")
-    cols = {name: np.asarray(arrays[name], dtype=COLUMN_DTYPES[name]) for name in COLUMN_NAMES}
-    lengths = {len(a) for a in cols.values()}
-    if len(lengths) > 1:
-        raise ValueError(f"build_columns: columns have different lengths {sorted(lengths)}")
-    return PacketColumns(**cols)
-
-
-def empty_columns() -> PacketColumns:
-    """Zero-length ``PacketColumns`` with the right dtypes."""
-    return PacketColumns(**{n: np.empty(0, dtype=COLUMN_DTYPES[n]) for n in COLUMN_NAMES})
-
-
-def concat_columns(parts: list[PacketColumns]) -> PacketColumns:
-    """Concatenate several ``PacketColumns`` in order (e.g. all decode() results and flush())."""
-    if not parts:
-        return empty_columns()
-    return PacketColumns(
-        **{n: np.concatenate([getattr(p, n) for p in parts]) for n in COLUMN_NAMES}
-    )
 
 
 # --- Protocol constants ----------------------------------------------------------------------

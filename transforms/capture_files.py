@@ -24,12 +24,12 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
-from transforms.capture_reader import CaptureDamagedError, CaptureFormatError, read_capture
+from flowbeam.capture.reader import CaptureDamagedError, CaptureFormatError, read_capture
+from flowbeam.flows.engine import Fragment
+from flowbeam.packets.aggregation import FragmentAggregator
+from flowbeam.packets.columns import PacketColumns
+from flowbeam.packets.decoder import PacketDecoder
 from transforms.dead_letters import DEAD_LETTER_TAG, dead_letter
-from transforms.flow_engine import Fragment
-from transforms.packet_aggregation import FragmentAggregator
-from transforms.packet_decoder import PacketDecoder
-from transforms.records import PacketColumns
 
 LOG = logging.getLogger(__name__)
 METRICS_NAMESPACE = "flowbeam"
