@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flowbeam.capture.reader import read_capture
 from flowbeam.flows.engine import advance
-from flowbeam.flows.records import to_flow_row
+from flowbeam.flows.records import to_flow_record
 from flowbeam.packets.aggregation import FragmentAggregator
 from flowbeam.packets.decoder import PacketDecoder
 from transforms.local_sink import RowsToArrowTable
@@ -45,7 +45,7 @@ def main(path: str) -> None:
     for fragment in fragments:
         by_key.setdefault(fragment.key, []).append(fragment)
     started = time.perf_counter()
-    rows = [to_flow_row(row, "pcap") for group in by_key.values()
+    rows = [to_flow_record(row, "pcap") for group in by_key.values()
             for row in advance(group, IDLE_US, ACTIVE_US, None)[0]]
     print(f"flow engine + rows     {time.perf_counter() - started:6.2f} s  {len(rows)} rows")
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from flowbeam.flows.engine import NO_TIME, SIDE_A, TCP_ACK, TCP_SYN, Fragment, order_key
+from flowbeam.flows.fragment import NO_TIME, SIDE_A, Fragment, order_key
+from flowbeam.flows.protocols import TCP_ACK, TCP_SYN
 
 S = 1_000_000  # one second in microseconds
 

@@ -11,14 +11,8 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
-from flowbeam.flows.engine import (
-    ACTIVE_TIMEOUT,
-    END_OF_FLOW,
-    IDLE_TIMEOUT,
-    TCP_ACK,
-    TCP_FIN,
-    TCP_SYN,
-)
+from flowbeam.flows.engine import ACTIVE_TIMEOUT, END_OF_FLOW, IDLE_TIMEOUT
+from flowbeam.flows.protocols import TCP_ACK, TCP_FIN, TCP_SYN
 from tests.fragment_builders import S, packet
 from transforms.build_flows import BuildFlows
 

@@ -7,21 +7,10 @@ import random
 import communityid
 
 from flowbeam.flows.community_id import community_id
-from flowbeam.flows.engine import (
-    ACTIVE_TIMEOUT,
-    END_OF_FLOW,
-    FORCED_END,
-    IDLE_TIMEOUT,
-    SIDE_A,
-    SIDE_B,
-    TCP_ACK,
-    TCP_FIN,
-    TCP_RST,
-    TCP_SYN,
-    advance,
-    merge,
-)
-from flowbeam.flows.records import to_flow_row
+from flowbeam.flows.engine import ACTIVE_TIMEOUT, END_OF_FLOW, FORCED_END, IDLE_TIMEOUT, advance
+from flowbeam.flows.fragment import SIDE_A, SIDE_B, merge
+from flowbeam.flows.protocols import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from flowbeam.flows.records import to_flow_record
 from tests.fragment_builders import S, packet
 
 IDLE = 120 * S
@@ -32,7 +21,7 @@ CLIENT, SERVER = "10.0.0.9", "10.0.0.1"  # the client's address sorts after the 
 
 def rows_of(fragments, now_us=None, idle=IDLE, active=ACTIVE):
     rows, kept, continuation, due = advance(fragments, idle, active, now_us)
-    return [to_flow_row(row, "pcap") for row in rows], kept, continuation, due
+    return [to_flow_record(row, "pcap") for row in rows], kept, continuation, due
 
 
 def handshake(t, sport=40000):

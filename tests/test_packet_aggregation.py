@@ -15,18 +15,9 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
-from flowbeam.flows.engine import (
-    NO_TIME,
-    SIDE_A,
-    SIDE_B,
-    TCP_ACK,
-    TCP_FIN,
-    TCP_RST,
-    TCP_SYN,
-    Fragment,
-    advance,
-    order_key,
-)
+from flowbeam.flows.engine import advance
+from flowbeam.flows.fragment import NO_TIME, SIDE_A, SIDE_B, Fragment, order_key
+from flowbeam.flows.protocols import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 from flowbeam.packets import aggregation as packet_aggregation
 from flowbeam.packets.aggregation import FragmentAggregator
 from flowbeam.packets.columns import PacketColumns

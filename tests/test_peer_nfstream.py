@@ -27,7 +27,7 @@ from pathlib import Path
 import dpkt
 import pytest
 
-from flowbeam.flows.community_id import ICMP_COUNTERPARTS, ICMPV6_COUNTERPARTS
+from flowbeam.flows.protocols import ICMP_COUNTERPARTS, PROTO_ICMP, PROTO_ICMPV6
 from pipelines.pcap_flows import run
 from tests.test_pcap_pipeline import read_flows
 
@@ -161,7 +161,7 @@ def test_icmp_ports_are_type_and_code_of_a_real_message(compared_icmp):
     assert rows
     messages = icmp_messages(capture_path(name))
     for row in rows:
-        pairs = ICMP_COUNTERPARTS if row["ip_protocol"] == 1 else ICMPV6_COUNTERPARTS
+        pairs = ICMP_COUNTERPARTS[PROTO_ICMP if row["ip_protocol"] == 1 else PROTO_ICMPV6]
         sent = {(t, c) for s, d, t, c in messages
                 if (s, d) == (row["src_addr"], row["dst_addr"])}
         if row["src_port"] in pairs:

@@ -40,8 +40,9 @@ from apache_beam.transforms.userstate import (
 )
 from apache_beam.utils.timestamp import Timestamp
 
-from flowbeam.flows.engine import Continuation, Fragment, advance
-from flowbeam.flows.records import to_flow_row
+from flowbeam.flows.engine import advance
+from flowbeam.flows.fragment import Continuation, Fragment
+from flowbeam.flows.records import to_flow_record
 from transforms.flow_record_coder import FlowRecord
 
 DEFAULT_SHARDS = 256
@@ -126,7 +127,7 @@ class MergeFragmentsFn(beam.DoFn):
             rows, rest, continuation, due = advance(
                 key_fragments, self._idle_us, self._active_us, now_us, continuations.get(key))
             for row in rows:
-                yield to_flow_row(row, self._source)
+                yield to_flow_record(row, self._source)
             self._rows.inc(len(rows))
             kept.extend(rest)
             if continuation is not None:

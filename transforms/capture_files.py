@@ -25,7 +25,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
 from flowbeam.capture.reader import CaptureDamagedError, CaptureFormatError, read_capture
-from flowbeam.flows.engine import Fragment
+from flowbeam.flows.fragment import Fragment
 from flowbeam.packets.aggregation import FragmentAggregator
 from flowbeam.packets.columns import PacketColumns
 from flowbeam.packets.decoder import PacketDecoder

@@ -24,10 +24,10 @@ _MICROSECOND = timedelta(microseconds=1)
 
 class FlowRecord(dict):
     """Type hint of a PCollection of flow rows (plain dicts of the ``flow_logs`` columns);
-    it selects ``FlowRowCoder``."""
+    it selects ``FlowRecordCoder``."""
 
 
-class FlowRowCoder(coders.Coder):
+class FlowRecordCoder(coders.Coder):
     """Flow rows as a tuple of their values, timestamps as microseconds since the epoch."""
 
     def __init__(self) -> None:
@@ -60,4 +60,4 @@ def _microseconds(value: datetime) -> int:
     return (value - _EPOCH) // _MICROSECOND
 
 
-coders.registry.register_coder(FlowRecord, FlowRowCoder)
+coders.registry.register_coder(FlowRecord, FlowRecordCoder)

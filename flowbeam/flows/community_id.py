@@ -10,17 +10,17 @@ import base64
 import hashlib
 import struct
 
-ICMP = 1
-ICMPV6 = 58
-_PORTED_PROTOCOLS = frozenset({6, 17, 132, ICMP, ICMPV6})
+from flowbeam.flows.protocols import (
+    ICMP_COUNTERPARTS,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_SCTP,
+    PROTO_TCP,
+    PROTO_UDP,
+)
 
-# ICMP types that have a counterpart (request <-> reply), from the spec. A message type not
-# listed is "one way": its tuple is hashed as sent, without ordering the endpoints.
-ICMP_COUNTERPARTS = {8: 0, 0: 8, 13: 14, 14: 13, 15: 16, 16: 15, 10: 9, 9: 10, 17: 18, 18: 17}
-ICMPV6_COUNTERPARTS = {
-    128: 129, 129: 128, 133: 134, 134: 133, 135: 136, 136: 135,
-    130: 131, 131: 130, 139: 140, 140: 139, 144: 145, 145: 144,
-}
+# Transports whose ports (ICMP: type and code) are part of the hashed tuple.
+_PORTED_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_SCTP, PROTO_ICMP, PROTO_ICMPV6})
 
 
 def community_id(
@@ -32,11 +32,9 @@ def community_id(
     For ICMP/ICMPv6 ``src_port``/``dst_port`` are what flowbeam stores: the type, and the code
     or the counterpart type (the spec's port equivalents).
     """
-    one_way = False
-    if protocol == ICMP:
-        one_way = src_port not in ICMP_COUNTERPARTS
-    elif protocol == ICMPV6:
-        one_way = src_port not in ICMPV6_COUNTERPARTS
+    # An ICMP type without a counterpart is hashed as sent, without ordering the endpoints.
+    counterparts = ICMP_COUNTERPARTS.get(protocol)
+    one_way = counterparts is not None and src_port not in counterparts
     if not one_way and (src_addr, src_port) > (dst_addr, dst_port):
         src_addr, dst_addr, src_port, dst_port = dst_addr, src_addr, dst_port, src_port
     data = struct.pack("!H", seed) + src_addr + dst_addr + struct.pack("!BB", protocol, 0)

@@ -3,9 +3,8 @@
 Pure Python, no Beam: ``BuildFlows`` is a thin stateful shell around ``advance``, and the
 packet aggregator uses ``split_rows`` for its rare slow path, so the rules live in one place.
 
-A *fragment* is a partial observation of one flow: one packet, what a decoder pre-aggregated
-from one capture file or one Pub/Sub batch, or one VPC Flow Logs record. Fragments of one key
-are cut into *rows* by these rules, applied to the fragments sorted by first-seen time:
+Fragments (``flowbeam.flows.fragment``) of one key are cut into *rows* by these rules, applied
+to the fragments sorted by first-seen time:
 
 - a fragment starting ``idle_us`` or more after everything seen so far starts a new flow
   (idle timeout);
@@ -22,22 +21,17 @@ can change and keeps the rest.
 
 from __future__ import annotations
 
-from operator import attrgetter
 from typing import NamedTuple
 
-# (ip_version, protocol, vlan_id, a_hi, a_lo, a_port, b_hi, b_lo, b_port); endpoint a sorts
-# before endpoint b, so both directions of a conversation share the key. vlan_id -1: untagged.
-FlowKey = tuple[int, int, int, int, int, int, int, int, int]
-
-SIDE_A = 0
-SIDE_B = 1
-NO_TIME = -1
-
-TCP = 6
-TCP_FIN = 0x01
-TCP_SYN = 0x02
-TCP_RST = 0x04
-TCP_ACK = 0x10
+from flowbeam.flows.fragment import (
+    NO_TIME,
+    SIDE_A,
+    Continuation,
+    Fragment,
+    initiator,
+    merge,
+)
+from flowbeam.flows.protocols import TCP_FIN, TCP_RST
 
 IDLE_TIMEOUT = "idle_timeout"
 ACTIVE_TIMEOUT = "active_timeout"
@@ -45,96 +39,12 @@ END_OF_FLOW = "end_of_flow"
 FORCED_END = "forced_end"
 
 
-class Fragment(NamedTuple):
-    """Counts of one flow key over [first_us, last_us]; ``a``/``b`` are the key's endpoints."""
-
-    key: FlowKey
-    first_us: int
-    last_us: int
-    a_packets: int
-    a_bytes: int
-    b_packets: int
-    b_bytes: int
-    a_flags: int
-    b_flags: int
-    first_sender: int  # SIDE_A or SIDE_B: who sent the earliest packet
-    syn_us: int  # time of the earliest pure SYN (SYN without ACK), NO_TIME if none
-    syn_sender: int  # who sent it
-    open_at_end: bool  # the input ended less than idle_us after last_us (a forced end)
-
-
-class Continuation(NamedTuple):
-    """What streaming keeps of a flow whose earlier rows were already emitted."""
-
-    key: FlowKey
-    src_side: int  # the flow's initiator, fixed by its first row
-    last_us: int  # last packet of the emitted rows
-    a_flags: int  # TCP flags of the whole flow so far (to recognise its end)
-    b_flags: int
-
-
-class FlowRow(NamedTuple):
-    """One emitted row: a merged fragment, who initiated it, and why it was emitted."""
+class EmittedRow(NamedTuple):
+    """One row the engine emitted: a merged fragment, who initiated it, and why it was emitted."""
 
     fragment: Fragment
     src_side: int
     status: str
-
-
-def order_key(
-    ip_version: int, protocol: int, vlan_id: int,
-    src_hi: int, src_lo: int, src_port: int,
-    dst_hi: int, dst_lo: int, dst_port: int,
-) -> tuple[FlowKey, int]:
-    """The direction-independent key of a packet and the side (SIDE_A/SIDE_B) that sent it."""
-    if (src_hi, src_lo, src_port) <= (dst_hi, dst_lo, dst_port):
-        return (ip_version, protocol, vlan_id, src_hi, src_lo, src_port,
-                dst_hi, dst_lo, dst_port), SIDE_A
-    return (ip_version, protocol, vlan_id, dst_hi, dst_lo, dst_port,
-            src_hi, src_lo, src_port), SIDE_B
-
-
-def merge(fragments: list[Fragment]) -> Fragment:
-    """One fragment covering all of ``fragments`` (same key, any order)."""
-    if len(fragments) == 1:
-        return fragments[0]
-    earliest = min(fragments, key=_start_order)
-    latest = max(fragments, key=attrgetter("last_us"))
-    syns = [f for f in fragments if f.syn_us != NO_TIME]
-    first_syn = min(syns, key=_syn_order) if syns else None
-    a_flags = b_flags = 0
-    for f in fragments:
-        a_flags |= f.a_flags
-        b_flags |= f.b_flags
-    return Fragment(
-        key=earliest.key,
-        first_us=earliest.first_us,
-        last_us=latest.last_us,
-        a_packets=sum(f.a_packets for f in fragments),
-        a_bytes=sum(f.a_bytes for f in fragments),
-        b_packets=sum(f.b_packets for f in fragments),
-        b_bytes=sum(f.b_bytes for f in fragments),
-        a_flags=a_flags,
-        b_flags=b_flags,
-        first_sender=earliest.first_sender,
-        syn_us=first_syn.syn_us if first_syn else NO_TIME,
-        syn_sender=first_syn.syn_sender if first_syn else SIDE_A,
-        open_at_end=latest.open_at_end,
-    )
-
-
-def _start_order(f: Fragment) -> tuple[int, int]:
-    return f.first_us, f.first_sender
-
-
-def _syn_order(f: Fragment) -> tuple[int, int]:
-    return f.syn_us, f.syn_sender
-
-
-def initiator(fragment: Fragment) -> int:
-    """The side that started the flow: the sender of a pure SYN when seen, else of the
-    earliest packet."""
-    return fragment.syn_sender if fragment.syn_us != NO_TIME else fragment.first_sender
 
 
 def has_ended(a_flags: int, b_flags: int) -> bool:
@@ -226,7 +136,7 @@ def advance(
     active_us: int,
     now_us: int | None,
     continuation: Continuation | None = None,
-) -> tuple[list[FlowRow], list[Fragment], Continuation | None, int | None]:
+) -> tuple[list[EmittedRow], list[Fragment], Continuation | None, int | None]:
     """Emit the rows of one key that are final at ``now_us``; keep the rest.
 
     ``now_us`` is the time up to which the input is complete (the watermark); ``None`` means
@@ -238,9 +148,9 @@ def advance(
         # Most keys in a batch run: one fragment, one row (what the general path gives too).
         only = fragments[0]
         status = _at_end_of_input(closing_status(only.a_flags, only.b_flags), only)
-        return [FlowRow(only, initiator(only), status)], [], None, None
+        return [EmittedRow(only, initiator(only), status)], [], None, None
     rows = split_rows(fragments, idle_us, active_us, continuation)
-    emitted: list[FlowRow] = []
+    emitted: list[EmittedRow] = []
     src_side = continuation.src_side if continuation else SIDE_A
     flow_flags = (continuation.a_flags, continuation.b_flags) if continuation else (0, 0)
     kept_from = len(rows)
@@ -256,7 +166,7 @@ def advance(
         status = row.status
         if now_us is None and index == len(rows) - 1:
             status = _at_end_of_input(status, merged)
-        emitted.append(FlowRow(merged, src_side, status))
+        emitted.append(EmittedRow(merged, src_side, status))
     if kept_from == len(rows):
         return emitted, [], None, None
     kept_rows = rows[kept_from:]

@@ -1,4 +1,9 @@
-"""Turn the flow engine's rows into ``flow_logs`` rows (dicts of the columns in flow_schema)."""
+"""Flow records: the engine's ``EmittedRow``s as ``flow_logs`` rows (dicts of the columns of
+``flowbeam.flows.schema``), what every sink writes.
+
+Vocabulary: the engine emits *rows* (a merged fragment, its initiator, a status); a *record* is
+the same row as the dict of schema columns, with addresses as text and a deterministic id.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flowbeam.flows.community_id import community_id
-from flowbeam.flows.engine import SIDE_A, TCP, FlowKey, FlowRow
+from flowbeam.flows.engine import EmittedRow
+from flowbeam.flows.fragment import SIDE_A, FlowKey
+from flowbeam.flows.protocols import PROTO_TCP, protocol_name
 
-PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -38,7 +44,7 @@ def row_id(key: FlowKey, first_us: int, source: str) -> str:
     return digest.hexdigest()
 
 
-def to_flow_row(row: FlowRow, source: str) -> dict[str, Any]:
+def to_flow_record(row: EmittedRow, source: str) -> dict[str, Any]:
     """The ``flow_logs`` row of an emitted flow row, oriented initiator -> responder."""
     f = row.fragment
     ip_version, protocol, vlan_id, a_hi, a_lo, a_port, b_hi, b_lo, b_port = f.key
@@ -52,11 +58,11 @@ def to_flow_row(row: FlowRow, source: str) -> dict[str, Any]:
         src, dst, src_port, dst_port = b_addr, a_addr, b_port, a_port
         src_counts = (f.b_bytes, f.b_packets, f.b_flags)
         dst_counts = (f.a_bytes, f.a_packets, f.a_flags)
-    is_tcp = protocol == TCP
+    is_tcp = protocol == PROTO_TCP
     return {
         "id": row_id(f.key, f.first_us, source),
         "community_id": community_id(protocol, src, dst, src_port, dst_port),
-        "protocol": PROTOCOL_NAMES.get(protocol, str(protocol)),
+        "protocol": protocol_name(protocol),
         "ip_protocol": protocol,
         "ip_version": ip_version,
         "src_addr": address_text(ip_version, src),

@@ -75,19 +75,9 @@ from itertools import chain, repeat
 
 import numpy as np
 
-from flowbeam.flows.engine import (
-    NO_TIME,
-    SIDE_A,
-    TCP_ACK,
-    TCP_FIN,
-    TCP_RST,
-    TCP_SYN,
-    Continuation,
-    FlowKey,
-    Fragment,
-    merge,
-    split_rows,
-)
+from flowbeam.flows.engine import split_rows
+from flowbeam.flows.fragment import NO_TIME, SIDE_A, Continuation, FlowKey, Fragment, merge
+from flowbeam.flows.protocols import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 from flowbeam.packets.columns import PacketColumns
 
 DEFAULT_MAX_DISORDER_US = 100_000

@@ -19,7 +19,7 @@ The decoder has two paths that must agree packet for packet:
 Flows are keyed on the outermost IP header: tunnels (GRE, IP-in-IP, ...) are reported as their
 own IP protocol with ports 0 and never decapsulated. ICMP (protocol 1) and ICMPv6 (58) put
 type/code in the port columns the way Community ID v1 does, by protocol number whatever the IP
-version (see ``_ICMP_PAIRS``).
+version (see ``ICMP_COUNTERPARTS``).
 
 Rules for packets the capture cut short (caplen < wirelen), chosen so that bytes are never lost:
 
@@ -56,6 +56,13 @@ from typing import NamedTuple
 import numpy as np
 
 from flowbeam.capture.records import RecordBatch
+from flowbeam.flows.protocols import (
+    ICMP_COUNTERPARTS,
+    PORT_PROTOCOLS,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_TCP,
+)
 from flowbeam.packets.columns import (
     COLUMN_DTYPES,
     COLUMN_NAMES,
@@ -98,29 +105,11 @@ MPLS_ETHERTYPES = frozenset({0x8847, 0x8848})
 # 28 (FreeBSD) or 30 (macOS).
 NULL_FAMILY_VERSION = {2: 4, 24: 6, 28: 6, 30: 6}
 
-PROTO_ICMP = 1
-PROTO_TCP = 6
-PROTO_UDP = 17
-PROTO_ICMPV6 = 58
-PROTO_SCTP = 132
-PROTO_UDPLITE = 136
-PORT_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_SCTP, PROTO_UDPLITE})
-
 IPV6_FRAGMENT = 44
 IPV6_AH = 51
 # Extension headers the walk steps over; ESP (50) and No Next Header (59) end it and are then
 # reported as the protocol, with ports 0.
 IPV6_EXTENSION_HEADERS = frozenset({0, 43, IPV6_FRAGMENT, IPV6_AH, 60, 135, 139, 140})
-
-# Community ID v1 (mirroring Zeek): for these ICMP types the "destination port" is the
-# counterpart type, so a request and its reply share one key; other types use the code.
-# Checked against communityid 1.5.0 (communityid/icmp.py, communityid/icmp6.py) in the tests.
-_ICMP4_ONE_WAY = {8: 0, 13: 14, 15: 16, 10: 9, 17: 18}
-_ICMP6_ONE_WAY = {128: 129, 133: 134, 135: 136, 130: 131, 139: 140, 144: 145}
-_ICMP_PAIRS: dict[int, dict[int, int]] = {
-    PROTO_ICMP: {**_ICMP4_ONE_WAY, **{v: k for k, v in _ICMP4_ONE_WAY.items()}},
-    PROTO_ICMPV6: {**_ICMP6_ONE_WAY, **{v: k for k, v in _ICMP6_ONE_WAY.items()}},
-}
 
 # Public error reasons (keys of PacketDecoder.errors).
 SHORT_LINK_HEADER = "short_link_header"
@@ -148,7 +137,7 @@ def transport_bytes_needed(protocol: int) -> tuple[int, int]:
         return 4, 14
     if protocol in PORT_PROTOCOLS:
         return 4, 4
-    if protocol in _ICMP_PAIRS:
+    if protocol in ICMP_COUNTERPARTS:
         return 2, 2
     return 0, 0
 
@@ -176,7 +165,7 @@ def _icmp_pair_table() -> np.ndarray:
     """[is_icmpv6, type] -> paired type, or -1 when the code is used instead."""
     table = np.full((2, 256), -1, dtype=np.int32)
     for row, proto in enumerate((PROTO_ICMP, PROTO_ICMPV6)):
-        for mtype, paired in _ICMP_PAIRS[proto].items():
+        for mtype, paired in ICMP_COUNTERPARTS[proto].items():
             table[row, mtype] = paired
     return table
 
@@ -639,9 +628,9 @@ def _slow_ports(pkt: memoryview, ip: _IpHeader) -> tuple[int, int, int, bool]:
     if available < for_ports:
         return 0, 0, 0, True
     at = ip.transport_at
-    if ip.protocol in _ICMP_PAIRS:
+    if ip.protocol in ICMP_COUNTERPARTS:
         mtype, code = pkt[at], pkt[at + 1]
-        return mtype, _ICMP_PAIRS[ip.protocol].get(mtype, code), 0, False
+        return mtype, ICMP_COUNTERPARTS[ip.protocol].get(mtype, code), 0, False
     if not for_ports:
         return 0, 0, 0, False
     src, dst = _U16_PAIR.unpack_from(pkt, at)
