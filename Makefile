@@ -25,6 +25,7 @@ run: $(VENV)/.installed $(SAMPLE)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 test: lint
 	$(BIN)/python -m pytest

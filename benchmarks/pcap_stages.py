@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flowbeam.capture.reader import read_capture
 from flowbeam.flows.engine import advance
 from flowbeam.flows.records import to_flow_record
-from flowbeam.packets.aggregation import FragmentAggregator
-from flowbeam.packets.decoder import PacketDecoder
-from transforms.local_sink import RowsToArrowTable
+from flowbeam.flows.schema import records_to_arrow
+from flowbeam.packets.to_fragments import PacketsToFragments
 
 IDLE_US, ACTIVE_US = 120_000_000, 1_800_000_000
 
@@ -31,12 +27,12 @@ def main(path: str) -> None:
     elapsed = time.perf_counter() - started
     print(f"read                   {elapsed:6.2f} s  {packets / elapsed:12,.0f} packets/s")
 
-    decoder, aggregator, fragments = PacketDecoder(), FragmentAggregator(IDLE_US, ACTIVE_US), []
+    step, fragments = PacketsToFragments(IDLE_US, ACTIVE_US), []
     started = time.perf_counter()
     with open(path, "rb") as stream:
         for batch in read_capture(stream):
-            fragments += aggregator.add(decoder.decode(batch))
-    fragments += aggregator.add(decoder.flush()) + aggregator.finish()
+            fragments += step.add(batch)
+    fragments += step.finish()
     elapsed = time.perf_counter() - started
     print(f"read+decode+aggregate  {elapsed:6.2f} s  {packets / elapsed:12,.0f} packets/s  "
           f"{len(fragments)} fragments")
@@ -49,10 +45,8 @@ def main(path: str) -> None:
             for row in advance(group, IDLE_US, ACTIVE_US, None)[0]]
     print(f"flow engine + rows     {time.perf_counter() - started:6.2f} s  {len(rows)} rows")
 
-    to_arrow = RowsToArrowTable()
-    to_arrow.setup()
     started = time.perf_counter()
-    list(to_arrow.process(rows))
+    records_to_arrow(rows)
     print(f"arrow                  {time.perf_counter() - started:6.2f} s")
 
 

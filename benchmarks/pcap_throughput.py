@@ -27,10 +27,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from flowbeam.synthetic import write_capture  # noqa: E402
+from flowbeam.synthetic import write_capture
 
 NFSTREAM_SCRIPT = """
 import sys
@@ -47,7 +44,7 @@ def run_measured(argv: list[str]) -> tuple[float, int, str]:
     """Run a command; returns (wall seconds, peak RSS in MiB, stdout)."""
     started = time.perf_counter()
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               cwd=REPO, text=True)
+                               text=True)
     _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - started
     output = process.stdout.read() if process.stdout else ""

@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.runner import PipelineResult
 
-NAMESPACE = "flowbeam"
-MALFORMED_PREFIX = "malformed_"
+from transforms import counters
 
 
 @dataclass(frozen=True)
@@ -44,9 +43,9 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def counters(result: PipelineResult) -> dict[str, int]:
+def counter_values(result: PipelineResult) -> dict[str, int]:
     """Committed (or, where the runner has none, attempted) flowbeam counters by name."""
-    query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    query = result.metrics().query(MetricsFilter().with_namespace(counters.NAMESPACE))
     totals: dict[str, int] = {}
     for counter in query["counters"]:
         value = counter.committed if counter.committed is not None else counter.attempted
@@ -55,16 +54,16 @@ def counters(result: PipelineResult) -> dict[str, int]:
 
 
 def summarize(result: PipelineResult, elapsed_s: float) -> RunSummary:
-    values = counters(result)
+    values = counter_values(result)
     return RunSummary(
-        files_read=values.get("files_read", 0),
-        files_failed=values.get("files_failed", 0),
-        files_damaged=values.get("files_damaged", 0),
-        packets=values.get("packets", 0),
-        flows=values.get("flow_rows", 0),
-        bytes=values.get("bytes", 0),
-        dead_letters=values.get("dead_letters", 0),
+        files_read=values.get(counters.FILES_READ, 0),
+        files_failed=values.get(counters.FILES_FAILED, 0),
+        files_damaged=values.get(counters.FILES_DAMAGED, 0),
+        packets=values.get(counters.PACKETS, 0),
+        flows=values.get(counters.FLOW_ROWS, 0),
+        bytes=values.get(counters.BYTES, 0),
+        dead_letters=values.get(counters.DEAD_LETTERS, 0),
         elapsed_s=elapsed_s,
-        malformed={name[len(MALFORMED_PREFIX):]: value for name, value in values.items()
-                   if name.startswith(MALFORMED_PREFIX) and value},
+        malformed={name[len(counters.MALFORMED_PREFIX):]: value for name, value in values.items()
+                   if name.startswith(counters.MALFORMED_PREFIX) and value},
     )

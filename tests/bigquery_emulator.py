@@ -138,17 +138,6 @@ def running_emulator() -> Iterator[EmulatorEndpoint]:
         emulator.stop()
 
 
-@pytest.fixture(scope="session", name="bigquery_emulator")
-def bigquery_emulator_fixture() -> Iterator[EmulatorEndpoint]:
-    """Session-wide emulator: its endpoint URL and project id (skips when it cannot start).
-
-    A test module imports ``bigquery_emulator_fixture`` and asks for ``bigquery_emulator``
-    (tests/conftest.py belongs to the whole suite).
-    """
-    with running_emulator() as endpoint:
-        yield endpoint
-
-
 def _serve() -> None:
     """Run bqemulator's command line with the spatial extension download skipped."""
     from bqemulator.cli import main

@@ -13,17 +13,15 @@ from google.cloud import bigquery
 
 from flowbeam.flows.schema import FLOW_COLUMN_NAMES
 from pipelines.pcap_flows import run
-from tests.bigquery_emulator import (
-    EmulatorEndpoint,
-    bigquery_emulator_fixture,  # noqa: F401 (pytest fixture)
-)
-from transforms.bigquery_sink import STREAMING_INSERTS, BigQueryConfig, TableRef, cloud_client
+from tests.bigquery_emulator import EmulatorEndpoint
+from transforms.bigquery_config import STREAMING_INSERTS, BigQueryConfig, TableRef
+from transforms.bigquery_tables import cloud_client
 
 PCAPS = Path(__file__).resolve().parents[2] / "shared/data/pcaps"
 CAPTURE = "ppp_sll"  # 16 flows, nfstream agrees; zeek_http-vlan has a single flow
 PROJECT = "proj"
 RUNNER = "--runner=FnApiRunner"
-CONTRACT = ("pipelines.pcap_flows must call resolve_config() and prepare_table() before "
+CONTRACT = ("pipelines.pcap_flows must call resolve_bigquery_config() and prepare_table() before "
             "building the pipeline "
             "(BigQueryConfigError -> exit 2) and apply WriteFlowsToBigQuery to its flows")
 

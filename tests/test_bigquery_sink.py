@@ -36,35 +36,36 @@ from apache_beam.utils.timestamp import Timestamp
 from google.cloud import bigquery
 
 from flowbeam.flows.schema import FLOW_COLUMN_NAMES, FLOW_COLUMNS
-from tests.bigquery_emulator import (
-    EmulatorEndpoint,
-    bigquery_emulator_fixture,  # noqa: F401 (pytest fixture)
-)
-from transforms.bigquery_sink import (
-    ERROR_COLUMNS,
+from pipelines.options import resolve_bigquery_config
+from tests.bigquery_emulator import EmulatorEndpoint
+from transforms.bigquery_config import (
     FILE_LOADS,
     STORAGE_WRITE_API,
     STREAMING_INSERTS,
-    BigQueryClients,
     BigQueryConfig,
     BigQueryConfigError,
     TableRef,
-    WriteFlowsToBigQuery,
-    bigquery_schema_fields,
-    bigquery_table_schema,
-    cloud_client,
-    dead_letter_to_error_row,
-    describe_insert_errors,
-    insert_ids,
     load_key_file,
     normalize_endpoint,
     parse_table_spec,
-    prepare_table,
-    rejected_row_dead_letter,
-    resolve_config,
     resolve_table,
     resolve_write_method,
+)
+from transforms.bigquery_tables import (
+    ERROR_COLUMNS,
+    BigQueryClients,
+    bigquery_schema_fields,
+    bigquery_table_schema,
+    cloud_client,
+    insert_ids,
+    prepare_table,
     schema_differences,
+)
+from transforms.bigquery_write import (
+    WriteFlowsToBigQuery,
+    dead_letter_to_error_row,
+    describe_insert_errors,
+    rejected_row_dead_letter,
     to_bigquery_row,
 )
 from transforms.dead_letters import dead_letter
@@ -235,17 +236,17 @@ def clean_env(monkeypatch):
 
 
 def test_no_table_means_no_bigquery_output(clean_env):
-    assert resolve_config(PipelineOptions(["--bq_project", "my-project"])) is None
+    assert resolve_bigquery_config(PipelineOptions(["--bq_project", "my-project"])) is None
 
 
 def test_config_from_flags(clean_env):
     options = PipelineOptions(["--output_table", "my-project:net.flow_logs",
                                "--temp_location", "gs://bucket/tmp"])
-    assert resolve_config(options) == BigQueryConfig(TableRef("my-project", "net", "flow_logs"),
-                                                     FILE_LOADS)
+    assert resolve_bigquery_config(options) == BigQueryConfig(
+        TableRef("my-project", "net", "flow_logs"), FILE_LOADS)
     streaming = PipelineOptions(["--bq_dataset", "net", "--project", "my-project", "--streaming"])
-    assert resolve_config(streaming) == BigQueryConfig(TableRef("my-project", "net", "flow_logs"),
-                                                       STREAMING_INSERTS)
+    assert resolve_bigquery_config(streaming) == BigQueryConfig(
+        TableRef("my-project", "net", "flow_logs"), STREAMING_INSERTS)
 
 
 def test_config_from_environment(clean_env):
@@ -253,14 +254,14 @@ def test_config_from_environment(clean_env):
     clean_env.setenv("FLOWBEAM_BQ_DATASET", "envds")
     clean_env.setenv("FLOWBEAM_BQ_TABLE", "envtable")
     clean_env.setenv("BIGQUERY_EMULATOR_HOST", "127.0.0.1:9050")
-    assert resolve_config(PipelineOptions([])) == BigQueryConfig(
+    assert resolve_bigquery_config(PipelineOptions([])) == BigQueryConfig(
         TableRef("env-project", "envds", "envtable"), STREAMING_INSERTS, "http://127.0.0.1:9050")
     clean_env.setenv("FLOWBEAM_BQ_ENDPOINT", "http://127.0.0.1:9999")
     clean_env.setenv("FLOWBEAM_BQ_WRITE_METHOD", "file_loads")
     with pytest.raises(BigQueryConfigError, match="file_loads cannot write to --bq_endpoint"):
-        resolve_config(PipelineOptions([]))
+        resolve_bigquery_config(PipelineOptions([]))
     # The command line wins over the environment.
-    config = resolve_config(PipelineOptions(["--bq_write_method", "streaming_inserts",
+    config = resolve_bigquery_config(PipelineOptions(["--bq_write_method", "streaming_inserts",
                                              "--bq_table", "cli"]))
     assert config == BigQueryConfig(TableRef("env-project", "envds", "cli"), STREAMING_INSERTS,
                                     "http://127.0.0.1:9999")
@@ -268,7 +269,7 @@ def test_config_from_environment(clean_env):
 
 def test_file_loads_need_a_cloud_storage_temp_location(clean_env):
     with pytest.raises(BigQueryConfigError) as error:
-        resolve_config(PipelineOptions(["--output_table", "my-project:net.t",
+        resolve_bigquery_config(PipelineOptions(["--output_table", "my-project:net.t",
                                         "--temp_location", "/tmp/x"]))
     assert str(error.value) == ("--bq_write_method file_loads stages files in Cloud Storage: "
                                 "give --temp_location gs://BUCKET/PATH (got '/tmp/x')")
@@ -297,8 +298,9 @@ def test_a_valid_key_file_gives_its_service_account(tmp_path, clean_env):
         "flows@my-project.iam.gserviceaccount.com")
     options = PipelineOptions(["--output_table", "my-project:net.t", "--bq_write_method",
                                "streaming_inserts", "--service_account_key_file", str(key)])
-    assert resolve_config(options).key_file == str(key)
-    assert pem not in pickle.dumps(BigQueryClients(resolve_config(options))).decode("latin-1")
+    assert resolve_bigquery_config(options).key_file == str(key)
+    clients = BigQueryClients(resolve_bigquery_config(options))
+    assert pem not in pickle.dumps(clients).decode("latin-1")
 
 
 def test_a_missing_key_file_is_named(tmp_path):
@@ -323,7 +325,7 @@ def test_a_malformed_key_never_shows_its_content(tmp_path, caplog, clean_env, co
     key.write_text(content)
     caplog.set_level(logging.DEBUG)
     with pytest.raises(BigQueryConfigError) as error:
-        resolve_config(PipelineOptions(["--output_table", "my-project:net.t",
+        resolve_bigquery_config(PipelineOptions(["--output_table", "my-project:net.t",
                                         "--bq_write_method", "streaming_inserts",
                                         "--service_account_key_file", str(key)]))
     message = str(error.value)
@@ -491,7 +493,7 @@ def schema_of(table: bigquery.Table) -> list[tuple]:
 def test_start_up_creates_the_partitioned_clustered_table(bigquery_emulator, dataset, clean_env):
     options = PipelineOptions(["--output_table", f"{bigquery_emulator.project}:{dataset}.flows",
                                "--bq_endpoint", bigquery_emulator.url])
-    config = resolve_config(options)
+    config = resolve_bigquery_config(options)
     prepare_table(config)
     assert config == emulator_config(bigquery_emulator, dataset, "flows")
     client = emulator_client(bigquery_emulator)
@@ -534,7 +536,7 @@ def test_an_incompatible_table_stops_the_start_up(bigquery_emulator, dataset, cl
     options = PipelineOptions(["--output_table", config.table.spec,
                                "--bq_endpoint", bigquery_emulator.url])
     with pytest.raises(BigQueryConfigError) as error:
-        prepare_table(resolve_config(options))
+        prepare_table(resolve_bigquery_config(options))
     assert str(error.value) == (
         f"table {config.table.spec} exists with a schema flowbeam cannot write to: "
         "missing column community_id (STRING); column src_port is STRING, flowbeam writes INT64")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import flowbeam.capture.reader as capture_reader
+import flowbeam.capture.pcap as capture_pcap
 from flowbeam.capture.reader import (
     CaptureDamagedError,
     CaptureFormatError,
@@ -97,7 +97,7 @@ def _pcap_bytes(packets: list[CapturedPacket], **options) -> bytes:
 def walk(request, monkeypatch):
     """Run a test with each classic-pcap walk (the speculative one even on tiny chunks)."""
     threshold = 0 if request.param == "speculative" else 1 << 62
-    monkeypatch.setattr(capture_reader, "_SPECULATE_MIN_BYTES", threshold)
+    monkeypatch.setattr(capture_pcap, "_SPECULATE_MIN_BYTES", threshold)
     return request.param
 
 
@@ -578,10 +578,10 @@ def test_pcapng_truncated_inside_a_block_and_a_block_header():
 
 def _walks_agree(data: bytes) -> list[int]:
     """Walk a pcap's records both ways over the whole buffer; return the header positions."""
-    layout = capture_reader._PcapLayout("<", 16, False, 1)
+    layout = capture_pcap._PcapLayout("<", 16, False, 1)
     buf = bytearray(data)
-    reference, stop = capture_reader._walk_pcap_scalar(buf, 24, len(buf), layout)
-    fast, fast_stop = capture_reader._walk_pcap(buf, 24, len(buf), layout)
+    reference, stop = capture_pcap._walk_pcap_scalar(buf, 24, len(buf), layout)
+    fast, fast_stop = capture_pcap._walk_pcap(buf, 24, len(buf), layout)
     assert fast.dtype == np.int64
     assert fast.tolist() == reference.tolist()
     assert fast_stop == stop
@@ -589,8 +589,8 @@ def _walks_agree(data: bytes) -> list[int]:
 
 
 def test_speculative_walk_steps_over_fake_headers(monkeypatch):
-    monkeypatch.setattr(capture_reader, "_SPECULATE_MIN_BYTES", 0)
-    monkeypatch.setattr(capture_reader, "_MAX_REPAIRS", 3)
+    monkeypatch.setattr(capture_pcap, "_SPECULATE_MIN_BYTES", 0)
+    monkeypatch.setattr(capture_pcap, "_MAX_REPAIRS", 3)
     rng = random.Random(3)
     packets = []
     for index in range(3000):
@@ -605,7 +605,7 @@ def test_speculative_walk_steps_over_fake_headers(monkeypatch):
 
 
 def test_speculative_walk_across_a_ts_sec_high_half_change(monkeypatch):
-    monkeypatch.setattr(capture_reader, "_SPECULATE_MIN_BYTES", 0)
+    monkeypatch.setattr(capture_pcap, "_SPECULATE_MIN_BYTES", 0)
     start = 0x6000_0000 - 50  # upper 16 bits of ts_sec change after 50 s
     packets = [CapturedPacket((start + i) * 10**9, bytes(i % 200)) for i in range(400)]
     data = _pcap_bytes(packets)
@@ -613,7 +613,7 @@ def test_speculative_walk_across_a_ts_sec_high_half_change(monkeypatch):
 
 
 def test_speculative_walk_with_dense_candidates(monkeypatch):
-    monkeypatch.setattr(capture_reader, "_SPECULATE_MIN_BYTES", 0)
+    monkeypatch.setattr(capture_pcap, "_SPECULATE_MIN_BYTES", 0)
     packets = [CapturedPacket(i % 3, bytes(i % 50)) for i in range(500)]  # ts_sec 0, zero bytes
     data = _pcap_bytes(packets)
     assert _walks_agree(data) == [row[4] for row in _expected_pcap(packets)]
@@ -621,7 +621,7 @@ def test_speculative_walk_with_dense_candidates(monkeypatch):
 
 def test_speculative_walk_on_random_bytes(monkeypatch):
     """Garbage after a valid prefix: both walks must stop at the same place."""
-    monkeypatch.setattr(capture_reader, "_SPECULATE_MIN_BYTES", 0)
+    monkeypatch.setattr(capture_pcap, "_SPECULATE_MIN_BYTES", 0)
     rng = random.Random(11)
     for _ in range(20):
         packets = _packets(rng.randrange(1, 40), seed=rng.randrange(1000))

@@ -18,7 +18,7 @@ import pytest
 from flowbeam.flows.engine import advance
 from flowbeam.flows.fragment import NO_TIME, SIDE_A, SIDE_B, Fragment, order_key
 from flowbeam.flows.protocols import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
-from flowbeam.packets import aggregation as packet_aggregation
+from flowbeam.packets import aggregation_columns
 from flowbeam.packets.aggregation import FragmentAggregator
 from flowbeam.packets.columns import PacketColumns
 
@@ -245,7 +245,7 @@ def totals(fragments: list[Fragment]) -> dict[tuple, tuple]:
 
 def test_hash_collisions_fall_back_to_an_exact_sort(monkeypatch):
     """Every key hashing alike must still give the same rows (np.lexsort path)."""
-    monkeypatch.setattr(packet_aggregation, "_hash",
+    monkeypatch.setattr(aggregation_columns, "_hash",
                         lambda misc, *_: np.zeros(len(misc), np.uint64))
     rng = random.Random(7)
     packets = random_packets(rng, 1500, 100, span_us=20_000, grid_us=7)

@@ -13,7 +13,7 @@ keeps state and decides *when* to call it:
 
 Why shards and not one state cell per flow key: a stateful element costs ~90 us on the
 in-process runners (state and timer bookkeeping), so a state cell per flow would cap a local
-run at ~11k flows/s. Decoders hand over fragments in batches; ``ShardFragments`` splits each
+run at ~11k flows/s. Decoders hand over fragments in batches; ``_ShardFragmentsFn`` splits each
 batch into one list per shard, so elements into the shuffle scale with (batches x shards)
 while each shard's state still only holds its own open flows.
 
@@ -30,7 +30,6 @@ from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.coders import coders
-from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import (
     BagStateSpec,
@@ -43,6 +42,7 @@ from apache_beam.utils.timestamp import Timestamp
 from flowbeam.flows.engine import advance
 from flowbeam.flows.fragment import Continuation, Fragment
 from flowbeam.flows.records import to_flow_record
+from transforms import counters
 from transforms.flow_record_coder import FlowRecord
 
 DEFAULT_SHARDS = 256
@@ -53,7 +53,7 @@ def shard_of(fragment: Fragment, shards: int) -> int:
     return hash(fragment.key) % shards
 
 
-class ShardFragments(beam.DoFn):
+class _ShardFragmentsFn(beam.DoFn):
     """Split a batch of fragments into one (shard, fragments) element per shard it touches."""
 
     def __init__(self, shards: int) -> None:
@@ -66,7 +66,7 @@ class ShardFragments(beam.DoFn):
         yield from by_shard.items()
 
 
-class MergeFragmentsFn(beam.DoFn):
+class _MergeFragmentsFn(beam.DoFn):
     """Per shard: keep fragments (and continuations of long flows) until their rows are final."""
 
     PENDING = BagStateSpec("pending", coders.BytesCoder())
@@ -78,8 +78,8 @@ class MergeFragmentsFn(beam.DoFn):
         self._active_us = active_us
         self._source = source
         self._bounded = bounded
-        self._rows = Metrics.counter("flowbeam", "flow_rows")
-        self._fragments = Metrics.counter("flowbeam", "fragments")
+        self._rows = counters.counter(counters.FLOW_ROWS)
+        self._fragments = counters.counter(counters.FRAGMENTS)
 
     def process(
         self,
@@ -168,9 +168,9 @@ class BuildFlows(beam.PTransform):
     def expand(self, fragment_batches: beam.PCollection) -> beam.PCollection:
         return (
             fragment_batches
-            | "ShardFragments" >> beam.ParDo(ShardFragments(self._shards))
+            | "ShardFragments" >> beam.ParDo(_ShardFragmentsFn(self._shards))
             .with_output_types(tuple[int, list])
-            | "MergeFragments" >> beam.ParDo(MergeFragmentsFn(
+            | "MergeFragments" >> beam.ParDo(_MergeFragmentsFn(
                 self._idle_us, self._active_us, self._source, fragment_batches.is_bounded))
             .with_output_types(FlowRecord)
         )

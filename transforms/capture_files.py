@@ -21,18 +21,15 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
 from flowbeam.capture.reader import CaptureDamagedError, CaptureFormatError, read_capture
 from flowbeam.flows.fragment import Fragment
-from flowbeam.packets.aggregation import FragmentAggregator
-from flowbeam.packets.columns import PacketColumns
-from flowbeam.packets.decoder import PacketDecoder
+from flowbeam.packets.to_fragments import PacketsToFragments
+from transforms import counters
 from transforms.dead_letters import DEAD_LETTER_TAG, dead_letter
 
 LOG = logging.getLogger(__name__)
-METRICS_NAMESPACE = "flowbeam"
 PROGRESS_EVERY_S = 5.0
 
 
@@ -54,31 +51,30 @@ class _Progress:
                         self._path, self.packets, rate)
 
 
-class DecodeCaptureFileFn(beam.DoFn):
+class _DecodeCaptureFileFn(beam.DoFn):
     """One capture file in, lists of fragments out (dead letters on ``DEAD_LETTER_TAG``)."""
 
     def __init__(self, idle_timeout_us: int, active_timeout_us: int, byte_accounting: str) -> None:
         self._idle_us = idle_timeout_us
         self._active_us = active_timeout_us
         self._byte_accounting = byte_accounting
-        self._files = Metrics.counter(METRICS_NAMESPACE, "files_read")
-        self._failed = Metrics.counter(METRICS_NAMESPACE, "files_failed")
-        self._damaged = Metrics.counter(METRICS_NAMESPACE, "files_damaged")
-        self._packets = Metrics.counter(METRICS_NAMESPACE, "packets")
-        self._bytes = Metrics.counter(METRICS_NAMESPACE, "bytes")
+        self._files = counters.counter(counters.FILES_READ)
+        self._failed = counters.counter(counters.FILES_FAILED)
+        self._damaged = counters.counter(counters.FILES_DAMAGED)
+        self._packets = counters.counter(counters.PACKETS)
+        self._bytes = counters.counter(counters.BYTES)
 
     def process(self, readable: fileio.ReadableFile) -> Iterator[Any]:
         path = readable.metadata.path
-        decoder = PacketDecoder()
-        aggregator = FragmentAggregator(
-            self._idle_us, self._active_us, byte_accounting=self._byte_accounting)
+        step = PacketsToFragments(self._idle_us, self._active_us, self._byte_accounting)
+        self._reported_packets = self._reported_bytes = 0
         progress = _Progress(path)
         try:
             with readable.open(mime_type="application/octet-stream",
                                compression_type=CompressionTypes.AUTO) as stream:
                 for batch in read_capture(stream):
                     progress.add(len(batch))
-                    yield from self._fragments(aggregator.add(self._count(decoder.decode(batch))))
+                    yield from self._counted(step, step.add(batch))
         except CaptureFormatError as error:
             self._failed.inc()
             LOG.error("flowbeam: %s: %s", path, error.reason)
@@ -99,22 +95,19 @@ class DecodeCaptureFileFn(beam.DoFn):
             yield TaggedOutput(DEAD_LETTER_TAG,
                                dead_letter("read_capture", reason, path, None))
         self._files.inc()
-        yield from self._fragments(aggregator.add(self._count(decoder.flush())))
-        yield from self._fragments(aggregator.finish())
-        for reason, count in decoder.errors.items():
-            Metrics.counter(METRICS_NAMESPACE, f"malformed_{reason}").inc(count)
-        for linktype in sorted(decoder.unknown_linktypes):
+        yield from self._counted(step, step.finish())
+        for reason, count in step.malformed.items():
+            counters.malformed_counter(reason).inc(count)
+        for linktype in sorted(step.unknown_linktypes):
             LOG.warning("flowbeam: %s: link type %d is not supported; its packets were skipped",
                         path, linktype)
 
-    def _count(self, packets: PacketColumns) -> PacketColumns:
-        self._packets.inc(len(packets))
-        column = packets.ip_bytes if self._byte_accounting == "ip" else packets.frame_bytes
-        self._bytes.inc(int(column.sum()))
-        return packets
-
-    @staticmethod
-    def _fragments(fragments: list[Fragment]) -> Iterator[list[Fragment]]:
+    def _counted(self, step: PacketsToFragments,
+                 fragments: list[Fragment]) -> Iterator[list[Fragment]]:
+        """Report the packets and bytes decoded since the last call; pass the fragments on."""
+        self._packets.inc(step.packets - self._reported_packets)
+        self._bytes.inc(step.bytes - self._reported_bytes)
+        self._reported_packets, self._reported_bytes = step.packets, step.bytes
         if fragments:
             yield fragments
 
@@ -125,7 +118,7 @@ class DecodeCaptures(beam.PTransform):
     def __init__(self, idle_timeout_s: float, active_timeout_s: float,
                  byte_accounting: str = "ip") -> None:
         super().__init__()
-        self._decode = DecodeCaptureFileFn(
+        self._decode = _DecodeCaptureFileFn(
             round(idle_timeout_s * 1_000_000), round(active_timeout_s * 1_000_000),
             byte_accounting)
 

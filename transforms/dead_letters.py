@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
+
+from transforms import counters
 
 DEAD_LETTER_TAG = "dead_letters"
 
@@ -43,7 +44,7 @@ class CountDeadLettersFn(beam.DoFn):
     """Passes dead letters through, counting them for the run summary."""
 
     def __init__(self) -> None:
-        self._dead_letters = Metrics.counter("flowbeam", "dead_letters")
+        self._dead_letters = counters.counter(counters.DEAD_LETTERS)
 
     def process(self, record: dict[str, Any]) -> Iterator[dict[str, Any]]:
         self._dead_letters.inc()

@@ -15,21 +15,21 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 
-from flowbeam.flows.schema import arrow_schema
+from flowbeam.flows.schema import arrow_schema, records_to_arrow
 from transforms.dead_letters import to_json_line
 
 FLOWS_PREFIX = "flows"
 ERRORS_PREFIX = "errors"
 
 
-class RowsToArrowTable(beam.DoFn):
-    """A list of flow rows to one Arrow table with the flow schema."""
+class _RecordsToArrowFn(beam.DoFn):
+    """A list of flow records to one Arrow table with the flow schema."""
 
     def setup(self) -> None:
         self._schema = arrow_schema()
 
-    def process(self, rows: list[dict[str, Any]]) -> Iterator[pa.Table]:
-        yield pa.Table.from_pylist(rows, schema=self._schema)
+    def process(self, records: list[dict[str, Any]]) -> Iterator[pa.Table]:
+        yield records_to_arrow(records, self._schema)
 
 
 class WriteFlowsToParquet(beam.PTransform):
@@ -43,13 +43,13 @@ class WriteFlowsToParquet(beam.PTransform):
         return (
             rows
             | "BatchRows" >> beam.BatchElements(min_batch_size=1024, max_batch_size=65536)
-            | "ToArrow" >> beam.ParDo(RowsToArrowTable())
+            | "ToArrow" >> beam.ParDo(_RecordsToArrowFn())
             | "WriteParquet" >> beam.io.WriteToParquetBatched(
                 self._prefix, arrow_schema(), file_name_suffix=".parquet")
         )
 
 
-class DeadLetterToJsonLine(beam.DoFn):
+class _DeadLetterToJsonLineFn(beam.DoFn):
     """One dead letter as one line of JSON."""
 
     def process(self, record: dict[str, Any]) -> Iterator[str]:
@@ -66,6 +66,6 @@ class WriteDeadLetters(beam.PTransform):
     def expand(self, dead_letters: beam.PCollection) -> beam.pvalue.PDone:
         return (
             dead_letters
-            | "ToJsonLines" >> beam.ParDo(DeadLetterToJsonLine())
+            | "ToJsonLines" >> beam.ParDo(_DeadLetterToJsonLineFn())
             | "WriteJsonLines" >> beam.io.WriteToText(self._prefix, file_name_suffix=".jsonl")
         )

@@ -1,0 +1,245 @@
+"""The reduction of one flush window of the fragment aggregator into rows.
+
+The open rows of earlier windows and the window's packets, sorted by (key hash, time), are cut
+into rows where the key changes, where ``first - last so far >= idle``, and at active-timeout
+chain points, and reduced with ``ufunc.reduceat``; each row is then kept open, held until its
+``open_at_end`` is known, or emitted.
+
+The rare cases take a slow path that runs ``flow_engine.split_rows`` itself on one-packet
+fragments of just those keys: keys where a pure SYN comes at or after a FIN/RST (the 5-tuple
+may be reused) and keys whose late packets overlap the key's open row. ``split_rows`` orders
+fragments by content, so when a flow starts, ends and has its port reused within a single
+microsecond, the rows before the reusing SYN go out as one-packet fragments (they would
+otherwise sort after the SYN's row); the fast path never cuts two rows in one microsecond.
+"""
+
+from __future__ import annotations
+
+from itertools import chain, repeat
+
+import numpy as np
+
+from flowbeam.flows.engine import split_rows
+from flowbeam.flows.fragment import NO_TIME, SIDE_A, Continuation, FlowKey, Fragment, merge
+from flowbeam.flows.protocols import TCP_FIN, TCP_RST
+from flowbeam.packets.aggregation_columns import (
+    INT64_MAX,
+    Elements,
+    Rows,
+    Staged,
+    elements,
+    key_columns,
+    value_columns,
+)
+
+_INT64_MIN = np.iinfo(np.int64).min
+_FIN_RST_BOTH = (TCP_FIN | TCP_RST) | (TCP_FIN | TCP_RST) << 8
+
+
+class Window:
+    """The reduction of one flush window: the open rows of earlier windows plus new packets."""
+
+    def __init__(self, idle: int, active: int, cut: int | None, max_ts: int,
+                 late: bool) -> None:
+        self._idle = idle
+        self._active = active
+        self._cut = cut  # None: the input has ended, everything is emitted
+        self._max_ts = max_ts
+        self._late = late  # some packets are older than the previous window's cut
+
+    def reduce(self, open_rows: Rows, packets: list[Staged]) -> tuple[Rows, Rows, Rows]:
+        """(rows kept open, final rows waiting for their open_at_end, rows to emit)."""
+        if len(open_rows) == 0 and not packets:
+            return Rows.empty(), Rows.empty(), Rows.empty()
+        e = elements(open_rows, packets)
+        key_starts = np.flatnonzero(np.concatenate(([True], e.key_change)))
+        slow_keys = self._slow_keys(e, key_starts)
+        fast = self._fast_rows(e, key_starts, slow_keys)
+        if not slow_keys.any():
+            return fast
+        key_ends = np.append(key_starts[1:], len(e))
+        slow = self._slow_rows(e, key_starts[slow_keys], key_ends[slow_keys])
+        kept, closed, emitted = (Rows.concat([a, b]) for a, b in zip(fast, slow, strict=True))
+        return kept, closed, emitted
+
+    def _decide(self, rows: Rows, key_last: np.ndarray) -> tuple[Rows, Rows, Rows]:
+        """The last row of a key stays open until no packet still to come can join it (its
+        last packet is ``idle`` before the cut); a final row whose ``open_at_end`` could
+        still be True waits until ``last + idle <= newest timestamp``."""
+        if self._cut is None:
+            return Rows.empty(), Rows.empty(), rows
+        keep = key_last & (rows.last + self._idle > self._cut)
+        closed = ~key_last & (rows.last + self._idle > self._max_ts)
+        return rows.take(keep), rows.take(closed), rows.take(~keep & ~closed)
+
+    def _slow_keys(self, e: Elements, key_starts: np.ndarray) -> np.ndarray:
+        """Keys the vectorised rules cannot decide: possible port reuse, late overlaps."""
+        first = e.t2 >> 1
+        pure_syn = (e.syn2 != INT64_MAX) & ~e.is_open
+        slow = np.zeros(len(key_starts), bool)
+        if pure_syn.any():
+            # A pure SYN at or after a FIN/RST of its key (ties included) may start a new
+            # flow. An open row's flags, and those of its flow's earlier rows, count as seen
+            # at its first packet: they all precede the window's packets.
+            ends = (e.flags | e.prev_flags) & _FIN_RST_BOTH
+            syn_t = np.where(pure_syn, first, _INT64_MIN)
+            end_t = np.where(ends != 0, first, INT64_MAX)
+            slow |= (np.maximum.reduceat(syn_t, key_starts)
+                     >= np.minimum.reduceat(end_t, key_starts))
+        if self._late and e.is_open.any():
+            # A late packet at or before the last packet of its key's open row: the running
+            # maximum of last_us is no longer the previous element's last_us.
+            open_last = np.where(e.is_open, e.last, _INT64_MIN)
+            packet_first = np.where(e.is_open, INT64_MAX, first)
+            slow |= (np.maximum.reduceat(open_last, key_starts)
+                     >= np.minimum.reduceat(packet_first, key_starts))
+        return slow
+
+    def _fast_rows(self, e: Elements, key_starts: np.ndarray,
+                   slow_keys: np.ndarray) -> tuple[Rows, Rows, Rows]:
+        """Rows cut at key changes, idle gaps and active-timeout chain points.
+
+        Elements of a key are in time order and (outside slow keys) never overlap, so the
+        running maximum of ``last_us`` is the previous element's. Slow keys are cut too (a
+        key change is always a cut) but their rows are dropped: the slow path redoes them.
+        """
+        n = len(e)
+        first = e.t2 >> 1
+        boundary = np.zeros(n, bool)
+        boundary[1:] = first[1:] - e.last[:-1] >= self._idle
+        boundary[key_starts] = True
+        seg_starts = np.flatnonzero(boundary)
+        seg_ends = np.append(seg_starts[1:], n)
+        chained = np.flatnonzero(first[seg_ends - 1] - first[seg_starts] >= self._active)
+        row_starts = seg_starts
+        if len(chained):
+            points = [self._chain(first, int(seg_starts[s]), int(seg_ends[s])) for s in chained]
+            row_starts = np.union1d(seg_starts, np.concatenate(points))
+        rows = e.rows(row_starts)
+        rows.prev_flags, rows.prev_last = self._flow_before(
+            e, rows, row_starts, seg_starts[chained], seg_ends[chained])
+        key_of_row = np.searchsorted(key_starts, row_starts, side="right") - 1
+        key_last = np.append(key_of_row[1:] != key_of_row[:-1], True)
+        fast = ~slow_keys[key_of_row]
+        if not fast.all():
+            rows, key_last = rows.take(fast), key_last[fast]
+        return self._decide(rows, key_last)
+
+    def _chain(self, first: np.ndarray, start: int, end: int) -> np.ndarray:
+        """Active-timeout chain points of one idle-delimited segment (a long flow): each row
+        starts at the first element at or after its predecessor's start + active."""
+        times = first[start:end]
+        points = []
+        anchor = int(times[0])
+        while True:
+            j = int(np.searchsorted(times, anchor + self._active, side="left"))
+            if j >= len(times):
+                return np.array(points, np.int64)
+            points.append(start + j)
+            anchor = int(times[j])
+
+    @staticmethod
+    def _flow_before(e: Elements, rows: Rows, row_starts: np.ndarray,
+                     chain_starts: np.ndarray, chain_ends: np.ndarray,
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Flags and last time of each row's earlier rows in its flow (after active timeouts):
+        an open row carries its own; rows a chain splits add their predecessors'."""
+        prev_flags = e.prev_flags[row_starts]
+        prev_last = e.prev_last[row_starts]
+        for lo, hi in zip(np.searchsorted(row_starts, chain_starts),
+                          np.searchsorted(row_starts, chain_ends), strict=True):
+            flags, last = int(prev_flags[lo]), int(prev_last[lo])
+            for r in range(lo, hi - 1):
+                flags |= int(rows.flags[r])
+                last = max(last, int(rows.last[r]))
+                prev_flags[r + 1], prev_last[r + 1] = flags, last
+        return prev_flags, prev_last
+
+    def _slow_rows(self, e: Elements, starts: np.ndarray,
+                   ends: np.ndarray) -> tuple[Rows, Rows, Rows]:
+        """Keys cut by ``flow_engine.split_rows`` itself, on one fragment per packet (and the
+        key's open row, with its flow's earlier rows as the Continuation). The conversions
+        to and from Python objects are done once for all slow keys of the window."""
+        lengths = ends - starts
+        offsets = np.concatenate(([0], np.cumsum(lengths)))
+        index = np.arange(offsets[-1]) + np.repeat(starts - offsets[:-1], lengths)
+        packed_keys = {name: column[e.perm[starts]] for name, column in e.keys.items()}
+        keys = list(zip(*key_columns(packed_keys), strict=True))
+        count = int(offsets[-1])
+        fragments = list(map(tuple.__new__, repeat(Fragment, count), zip(
+            chain.from_iterable(map(repeat, keys, lengths.tolist())),
+            *value_columns(e, index), repeat(False, count), strict=True)))
+        continuations = self._continuations(e, index, offsets, keys)
+        merged, prev_flags, prev_last, key_index = [], [], [], []
+        bounds = offsets.tolist()
+        for k, key_continuation in enumerate(continuations):
+            for fragment, flags, last in self._split_key(fragments[bounds[k]:bounds[k + 1]],
+                                                         key_continuation):
+                merged.append(fragment)
+                prev_flags.append(flags)
+                prev_last.append(last)
+                key_index.append(k)
+        key_index = np.array(key_index)
+        rows = _rows_of_fragments({name: column[key_index] for name, column in
+                                   packed_keys.items()}, merged, prev_flags, prev_last)
+        return self._decide(rows, np.append(key_index[1:] != key_index[:-1], True))
+
+    def _split_key(self, fragments: list[Fragment], continuation: Continuation | None,
+                   ) -> list[tuple[Fragment, int, int]]:
+        """One key's rows by ``split_rows``, each with its flow's earlier flags and last time.
+
+        ``split_rows`` orders fragments by content, so two row fragments starting in the same
+        microsecond (a flow that started, ended and saw its port reused within it) could
+        swap places downstream. The earlier rows of such a group are therefore returned as
+        their one-packet fragments, which sort exactly as the packets do; the group's last
+        row starts with the pure SYN and holds only packets sorted after it, so it sorts
+        after all of them.
+        """
+        flags, last = ((continuation.a_flags | continuation.b_flags << 8, continuation.last_us)
+                       if continuation else (0, NO_TIME))
+        rows = split_rows(fragments, self._idle, self._active, continuation)
+        out: list[tuple[Fragment, int, int]] = []
+        for row, following in zip(rows, [*rows[1:], None], strict=True):
+            fragment = merge(row.fragments)
+            if row.new_flow:
+                flags, last = 0, NO_TIME
+            if following is not None and following.fragments[0].first_us == fragment.first_us:
+                out += [(part, 0, NO_TIME) for part in row.fragments]
+            else:
+                out.append((fragment, flags, last))
+            flags |= fragment.a_flags | fragment.b_flags << 8
+            last = max(last, fragment.last_us)
+        return out
+
+    @staticmethod
+    def _continuations(e: Elements, index: np.ndarray, offsets: np.ndarray,
+                       keys: list[FlowKey]) -> list[Continuation | None]:
+        """Per slow key: its open row's flow so far, when that row continues a flow after an
+        active timeout (what ``split_rows`` needs to go on with it)."""
+        continuations: list[Continuation | None] = [None] * len(keys)
+        positions = np.flatnonzero(e.is_open[index] & (e.prev_last[index] != NO_TIME))
+        owners = np.searchsorted(offsets, positions, side="right") - 1
+        for k, i in zip(owners.tolist(), index[positions].tolist(), strict=True):
+            flags = int(e.prev_flags[i])
+            continuations[k] = Continuation(keys[k], SIDE_A, int(e.prev_last[i]),
+                                            flags & 0xFF, flags >> 8)
+        return continuations
+
+
+def _rows_of_fragments(keys: dict[str, np.ndarray], fragments: list[Fragment],
+                       prev_flags: list[int], prev_last: list[int]) -> Rows:
+    """The slow path's rows back as columns."""
+    fields_of = list(zip(*fragments, strict=True))  # one tuple per Fragment field
+
+    def field(name: str) -> np.ndarray:
+        return np.array(fields_of[Fragment._fields.index(name)], np.int64)
+
+    syn_us, syn_sender = field("syn_us"), field("syn_sender")
+    return Rows(
+        **keys,
+        t2=field("first_us") * 2 + field("first_sender"), last=field("last_us"),
+        a_pk=field("a_packets"), a_by=field("a_bytes"),
+        b_pk=field("b_packets"), b_by=field("b_bytes"),
+        flags=(field("a_flags") | field("b_flags") << 8).astype(np.uint16),
+        syn2=np.where(syn_us == NO_TIME, INT64_MAX, syn_us * 2 + syn_sender),
+        prev_flags=np.array(prev_flags, np.uint16), prev_last=np.array(prev_last, np.int64))
