@@ -19,12 +19,13 @@ def split_address(text: str) -> tuple[int, int, int]:
 
 def packet(
     ts_us: int, src: str, sport: int, dst: str, dport: int, *,
-    protocol: int = 6, size: int = 100, flags: int = 0, vlan_id: int = -1,
+    protocol: int = 6, size: int = 100, flags: int = 0, vlan_id: int = -1, scope: str = "",
 ) -> Fragment:
     """A one-packet fragment, as a decoder would make it."""
     version, s_hi, s_lo = split_address(src)
     _, d_hi, d_lo = split_address(dst)
-    key, side = order_key(version, protocol, vlan_id, s_hi, s_lo, sport, d_hi, d_lo, dport)
+    key, side = order_key(version, protocol, vlan_id, s_hi, s_lo, sport, d_hi, d_lo, dport,
+                          scope)
     pure_syn = protocol == 6 and flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     a, b = (1, 0) if side == SIDE_A else (0, 1)
     return Fragment(

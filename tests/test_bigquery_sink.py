@@ -96,6 +96,7 @@ def flow_row(n: int, **changes: object) -> dict:
         "vlan_id": None,
         "status": "end_of_flow",
         "source": "pcap",
+        "sensor": None,
     }
     row.update(changes)
     assert tuple(row) == FLOW_COLUMN_NAMES
@@ -352,7 +353,8 @@ def test_bigquery_schema_is_derived_from_flow_columns():
         (f.name, f.type, f.mode, f.description) for f in schema.fields]
     assert [f.name for f in fields] == list(FLOW_COLUMN_NAMES)
     assert {f.name: f.mode for f in fields if f.mode == "NULLABLE"} == {
-        "src_tcp_flags": "NULLABLE", "dst_tcp_flags": "NULLABLE", "vlan_id": "NULLABLE"}
+        "src_tcp_flags": "NULLABLE", "dst_tcp_flags": "NULLABLE", "vlan_id": "NULLABLE",
+        "sensor": "NULLABLE"}
 
 
 def test_error_table_columns_are_the_dead_letter_fields():

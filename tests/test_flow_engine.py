@@ -221,6 +221,43 @@ def test_vlan_scopes_the_key():
     assert row["vlan_id"] == 10
 
 
+def test_the_sensor_scopes_the_key_and_fills_its_column():
+    seen_by_a = packet(T0, CLIENT, 1, SERVER, 2, protocol=17, scope="sensor-a")
+    seen_by_b = packet(T0 + 1, CLIENT, 1, SERVER, 2, protocol=17, scope="sensor-b")
+    assert seen_by_a.key[:-1] == seen_by_b.key[:-1] and seen_by_a.key != seen_by_b.key
+    [row_a], *_ = rows_of([seen_by_a])
+    [row_b], *_ = rows_of([seen_by_b])
+    assert (row_a["sensor"], row_b["sensor"]) == ("sensor-a", "sensor-b")
+    assert row_a["id"] != row_b["id"]
+    [unscoped], *_ = rows_of([packet(T0, CLIENT, 1, SERVER, 2, protocol=17)])
+    assert unscoped["sensor"] is None
+
+
+def test_an_unscoped_row_keeps_the_id_it_had_before_scopes_existed():
+    """Re-processing old captures must find the ids already in a user's table: the id of an
+    unscoped flow is the blake2b-128 of (source, 9-field key, first_us), as it always was."""
+    import hashlib
+    import ipaddress
+    fragment = packet(T0, CLIENT, 40000, SERVER, 80, protocol=17)
+    [row], *_ = rows_of([fragment])
+    legacy_key = (4, 17, -1, 0, int(ipaddress.ip_address(SERVER)), 80,
+                  0, int(ipaddress.ip_address(CLIENT)), 40000)
+    legacy = hashlib.blake2b(repr(("pcap", legacy_key, T0)).encode(), digest_size=16)
+    assert row["id"] == legacy.hexdigest()
+
+
+def test_attributes_become_columns_and_the_earliest_value_wins():
+    early = packet(T0, CLIENT, 1, SERVER, 2, protocol=17)._replace(
+        attributes=(("sensor", "eni-1"),))
+    late = packet(T0 + S, SERVER, 2, CLIENT, 1, protocol=17)._replace(
+        attributes=(("sensor", "eni-2"),))
+    assert merge([late, early]).attributes == (("sensor", "eni-1"),)
+    assert merge([late, packet(T0, CLIENT, 1, SERVER, 2, protocol=17)]).attributes == (
+        ("sensor", "eni-2"),)
+    [row], *_ = rows_of([late, early])
+    assert row["sensor"] == "eni-1"
+
+
 def test_sides_are_reported_from_the_initiator():
     assert SIDE_A != SIDE_B
     reply_first = [packet(T0, SERVER, 80, CLIENT, 5, protocol=17, size=7),

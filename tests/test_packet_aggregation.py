@@ -272,7 +272,7 @@ def tcp_conversation(t: int, sport: int = 40000) -> list[Pkt]:
 def tcp_key(sport: int = 40000, vlan: int = -1) -> tuple:
     _, _, server = _address(SERVER)
     _, _, client = _address(CLIENT)
-    return (4, 6, vlan, 0, server, 80, 0, client, sport)
+    return (4, 6, vlan, 0, server, 80, 0, client, sport, "")
 
 
 @pytest.mark.parametrize("flush_every", [1, 3, 500_000])
@@ -395,7 +395,7 @@ def test_icmp_echo_request_and_reply_share_a_fragment():
     [fragment] = aggregate([[request, reply]])
     _, _, client = _address(CLIENT)
     _, _, server = _address(SERVER)
-    assert fragment.key == (4, ICMP, -1, 0, server, 0, 0, client, 8)
+    assert fragment.key == (4, ICMP, -1, 0, server, 0, 0, client, 8, "")
     assert (fragment.a_packets, fragment.b_packets, fragment.first_sender) == (1, 1, SIDE_B)
 
 

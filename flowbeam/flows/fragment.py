@@ -14,9 +14,11 @@ from __future__ import annotations
 from operator import attrgetter
 from typing import NamedTuple
 
-# (ip_version, protocol, vlan_id, a_hi, a_lo, a_port, b_hi, b_lo, b_port); endpoint a sorts
-# before endpoint b, so both directions of a conversation share the key. vlan_id -1: untagged.
-FlowKey = tuple[int, int, int, int, int, int, int, int, int]
+# (ip_version, protocol, vlan_id, a_hi, a_lo, a_port, b_hi, b_lo, b_port, scope); endpoint a
+# sorts before endpoint b, so both directions of a conversation share the key. vlan_id -1:
+# untagged. scope: where the flow was observed (a capture agent's sensor name, a VPC network
+# interface id; "" when the source has none), so two sensors never merge each other's traffic.
+FlowKey = tuple[int, int, int, int, int, int, int, int, int, str]
 
 SIDE_A = 0
 SIDE_B = 1
@@ -39,6 +41,9 @@ class Fragment(NamedTuple):
     syn_us: int  # time of the earliest pure SYN (SYN without ACK), NO_TIME if none
     syn_sender: int  # who sent it
     open_at_end: bool  # the input ended less than idle_us after last_us (a forced end)
+    # Source-specific columns of the flow record, as sorted (column, value) pairs: e.g. a VPC
+    # record's action and account. Packets have none.
+    attributes: tuple[tuple[str, object], ...] = ()
 
 
 class Continuation(NamedTuple):
@@ -54,14 +59,14 @@ class Continuation(NamedTuple):
 def order_key(
     ip_version: int, protocol: int, vlan_id: int,
     src_hi: int, src_lo: int, src_port: int,
-    dst_hi: int, dst_lo: int, dst_port: int,
+    dst_hi: int, dst_lo: int, dst_port: int, scope: str = "",
 ) -> tuple[FlowKey, int]:
     """The direction-independent key of a packet and the side (SIDE_A/SIDE_B) that sent it."""
     if (src_hi, src_lo, src_port) <= (dst_hi, dst_lo, dst_port):
         return (ip_version, protocol, vlan_id, src_hi, src_lo, src_port,
-                dst_hi, dst_lo, dst_port), SIDE_A
+                dst_hi, dst_lo, dst_port, scope), SIDE_A
     return (ip_version, protocol, vlan_id, dst_hi, dst_lo, dst_port,
-            src_hi, src_lo, src_port), SIDE_B
+            src_hi, src_lo, src_port, scope), SIDE_B
 
 
 def merge(fragments: list[Fragment]) -> Fragment:
@@ -90,7 +95,19 @@ def merge(fragments: list[Fragment]) -> Fragment:
         syn_us=first_syn.syn_us if first_syn else NO_TIME,
         syn_sender=first_syn.syn_sender if first_syn else SIDE_A,
         open_at_end=latest.open_at_end,
+        attributes=_merged_attributes(fragments),
     )
+
+
+def _merged_attributes(fragments: list[Fragment]) -> tuple[tuple[str, object], ...]:
+    """Each attribute's value from the earliest fragment that has it (ties as ``merge``)."""
+    if not any(f.attributes for f in fragments):
+        return ()
+    merged: dict[str, object] = {}
+    for f in sorted(fragments, key=_start_order):
+        for name, value in f.attributes:
+            merged.setdefault(name, value)
+    return tuple(sorted(merged.items()))
 
 
 def _start_order(f: Fragment) -> tuple[int, int]:

@@ -17,8 +17,11 @@ from flowbeam.flows.community_id import community_id
 from flowbeam.flows.engine import EmittedRow
 from flowbeam.flows.fragment import SIDE_A, FlowKey
 from flowbeam.flows.protocols import PROTO_TCP, protocol_name
+from flowbeam.flows.schema import FLOW_COLUMN_NAMES
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Every record has every column; source-specific ones (a fragment's attributes) default NULL.
+_NULL_COLUMNS = dict.fromkeys(FLOW_COLUMN_NAMES)
 
 
 def packed_address(ip_version: int, hi: int, lo: int) -> bytes:
@@ -38,16 +41,22 @@ def timestamp(us: int) -> datetime:
 
 
 def row_id(key: FlowKey, first_us: int, source: str) -> str:
-    """Deterministic row id: the same flow row always gets the same id (BigQuery insert id)."""
+    """Deterministic row id: the same flow row always gets the same id (BigQuery insert id).
+
+    An unscoped key hashes as the 9-field key did before scopes existed, so re-processing old
+    captures yields the ids already in a user's table (and a merge on ``id`` finds them). The
+    scope goes into the hash only when there is one; it is ASCII-escaped so any name is safe.
+    """
+    hashed = key if key[-1] else key[:-1]
     digest = hashlib.blake2b(
-        repr((source, key, first_us)).encode("ascii"), digest_size=16)
+        ascii((source, hashed, first_us)).encode("ascii"), digest_size=16)
     return digest.hexdigest()
 
 
 def to_flow_record(row: EmittedRow, source: str) -> dict[str, Any]:
     """The ``flow_logs`` row of an emitted flow row, oriented initiator -> responder."""
     f = row.fragment
-    ip_version, protocol, vlan_id, a_hi, a_lo, a_port, b_hi, b_lo, b_port = f.key
+    ip_version, protocol, vlan_id, a_hi, a_lo, a_port, b_hi, b_lo, b_port, scope = f.key
     a_addr = packed_address(ip_version, a_hi, a_lo)
     b_addr = packed_address(ip_version, b_hi, b_lo)
     if row.src_side == SIDE_A:
@@ -59,7 +68,8 @@ def to_flow_record(row: EmittedRow, source: str) -> dict[str, Any]:
         src_counts = (f.b_bytes, f.b_packets, f.b_flags)
         dst_counts = (f.a_bytes, f.a_packets, f.a_flags)
     is_tcp = protocol == PROTO_TCP
-    return {
+    record = {
+        **_NULL_COLUMNS,
         "id": row_id(f.key, f.first_us, source),
         "community_id": community_id(protocol, src, dst, src_port, dst_port),
         "protocol": protocol_name(protocol),
@@ -80,4 +90,8 @@ def to_flow_record(row: EmittedRow, source: str) -> dict[str, Any]:
         "vlan_id": vlan_id if vlan_id >= 0 else None,
         "status": row.status,
         "source": source,
+        "sensor": scope or None,
     }
+    if f.attributes:
+        record.update(f.attributes)
+    return record

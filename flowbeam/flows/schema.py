@@ -70,6 +70,10 @@ FLOW_COLUMNS: tuple[Column, ...] = (
            "row), end_of_flow (TCP FIN from both sides, or RST), forced_end (input ended while "
            "the flow was active)."),
     Column("source", "STRING", True, "Where the packets came from: pcap, pubsub or vpc_flow_logs."),
+    Column("sensor", "STRING", False,
+           "Where the flow was observed: the capture agent's (or --sensor's) name, or the "
+           "network interface of a VPC Flow Logs record. Part of the flow key: two sensors "
+           "that see the same 5-tuple write two rows. NULL when not given."),
 )
 
 FLOW_COLUMN_NAMES: tuple[str, ...] = tuple(column.name for column in FLOW_COLUMNS)

@@ -82,7 +82,7 @@ class FragmentAggregator:
 
     def __init__(self, idle_timeout_us: int, active_timeout_us: int, byte_accounting: str = "ip",
                  flush_every_packets: int = 500_000, *,
-                 max_disorder_us: int = DEFAULT_MAX_DISORDER_US) -> None:
+                 max_disorder_us: int = DEFAULT_MAX_DISORDER_US, scope: str = "") -> None:
         if idle_timeout_us <= 0 or active_timeout_us <= 0:
             raise ValueError("idle and active timeouts must be positive")
         if byte_accounting not in ("ip", "frame"):
@@ -94,6 +94,7 @@ class FragmentAggregator:
         self._frame_bytes = byte_accounting == "frame"
         self._flush_every = int(flush_every_packets)
         self._max_disorder = int(max_disorder_us)
+        self._scope = scope  # the flow key's scope (a sensor name) of every fragment
         self._hold_cap = max(self._flush_every, MIN_HOLD_BACK_PACKETS)
         self._reset()
 
@@ -147,7 +148,8 @@ class FragmentAggregator:
         closed = Rows.concat([self._closed, closed])
         due = (closed.last + self._idle <= self._max_ts) | final
         self._closed = closed.take(~due)
-        return _fragments(Rows.concat([emitted, closed.take(due)]), self._idle, self._max_ts)
+        return _fragments(Rows.concat([emitted, closed.take(due)]), self._idle, self._max_ts,
+                          self._scope)
 
     def _next_cut(self, parts: list[Staged]) -> int:
         """Packets at or after the cut wait for the next window (at most the hold-back cap);
@@ -178,13 +180,14 @@ def _split_at(parts: list[Staged], cut: int) -> tuple[list[Staged], list[Staged]
     return before, after
 
 
-def _fragments(rows: Rows, idle: int, max_ts: int) -> list[Fragment]:
+def _fragments(rows: Rows, idle: int, max_ts: int, scope: str) -> list[Fragment]:
     """Fragment objects for emitted rows: the only per-row Python objects built."""
     count = len(rows)
     if count == 0:
         return []
-    keys = zip(*key_columns(vars(rows)), strict=True)
+    keys = zip(*key_columns(vars(rows), scope), strict=True)
     open_at_end = (rows.last + idle > max_ts).tolist()
     return list(map(tuple.__new__, repeat(Fragment, count),
-                    zip(keys, *value_columns(rows, slice(None)), open_at_end, strict=True)))
+                    zip(keys, *value_columns(rows, slice(None)), open_at_end,
+                        repeat((), count), strict=True)))
 

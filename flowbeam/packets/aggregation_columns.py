@@ -270,13 +270,14 @@ def _key_change(keys: dict[str, np.ndarray], perm: np.ndarray) -> np.ndarray:
     return change
 
 
-def key_columns(keys: dict[str, np.ndarray]) -> list[list[int]]:
-    """The FlowKey fields, unpacked, as lists."""
+def key_columns(keys: dict[str, np.ndarray], scope: str) -> list[list]:
+    """The FlowKey fields, unpacked, as lists (``scope`` is the same for every key)."""
     misc = keys["misc"]
     return [(misc >> 56).tolist(), (misc >> 48 & 0xFF).tolist(),
             ((misc >> 32 & 0xFFFF).astype(np.int64) - 1).tolist(),
             keys["a_hi"].tolist(), keys["a_lo"].tolist(), (misc >> 16 & 0xFFFF).tolist(),
-            keys["b_hi"].tolist(), keys["b_lo"].tolist(), (misc & 0xFFFF).tolist()]
+            keys["b_hi"].tolist(), keys["b_lo"].tolist(), (misc & 0xFFFF).tolist(),
+            [scope] * len(misc)]
 
 
 def value_columns(source: Rows | Elements, index: slice | np.ndarray) -> list[list[int]]:

@@ -164,11 +164,12 @@ class Window:
         offsets = np.concatenate(([0], np.cumsum(lengths)))
         index = np.arange(offsets[-1]) + np.repeat(starts - offsets[:-1], lengths)
         packed_keys = {name: column[e.perm[starts]] for name, column in e.keys.items()}
-        keys = list(zip(*key_columns(packed_keys), strict=True))
+        # Rows are cut per key within this aggregator, whose scope is one: leave it empty here.
+        keys = list(zip(*key_columns(packed_keys, ""), strict=True))
         count = int(offsets[-1])
         fragments = list(map(tuple.__new__, repeat(Fragment, count), zip(
             chain.from_iterable(map(repeat, keys, lengths.tolist())),
-            *value_columns(e, index), repeat(False, count), strict=True)))
+            *value_columns(e, index), repeat(False, count), repeat((), count), strict=True)))
         continuations = self._continuations(e, index, offsets, keys)
         merged, prev_flags, prev_last, key_index = [], [], [], []
         bounds = offsets.tolist()

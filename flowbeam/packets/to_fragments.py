@@ -21,16 +21,18 @@ from flowbeam.packets.decoder import PacketDecoder
 class PacketsToFragments:
     """The record batches of one capture in, fragments out; feed every batch, then ``finish``.
 
+    ``sensor`` scopes the flow keys: the same 5-tuple seen by two sensors is two flows.
+
     ``packets`` and ``bytes`` count the decoded IP packets so far; ``malformed`` and
     ``unknown_linktypes`` are what the decoder skipped.
     """
 
     def __init__(self, idle_timeout_us: int, active_timeout_us: int,
-                 byte_accounting: str = "ip") -> None:
+                 byte_accounting: str = "ip", sensor: str = "") -> None:
         self._frame_bytes = byte_accounting == "frame"
         self._decoder = PacketDecoder()
         self._aggregator = FragmentAggregator(
-            idle_timeout_us, active_timeout_us, byte_accounting=byte_accounting)
+            idle_timeout_us, active_timeout_us, byte_accounting=byte_accounting, scope=sensor)
         self.packets = 0
         self.bytes = 0
 
