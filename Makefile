@@ -4,16 +4,23 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SAMPLE := sample/sample.pcap
+# The Node test servers (kinesalite), pinned by tests/node/package-lock.json.
+NODE_MODULES := tests/node/node_modules/.installed
 
-.PHONY: run test lint install
+.PHONY: run test lint install templates
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(NODE_MODULES)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --editable ".[test]"
 	touch $@
+
+# Without npm the kinesalite tests skip (and fail under .ci/run, which requires every server).
+$(NODE_MODULES): tests/node/package-lock.json
+	if command -v npm >/dev/null; then npm ci --prefix tests/node --ignore-scripts --no-audit \
+		--no-fund --loglevel=error && touch $@; else echo "npm absent: kinesalite not installed"; fi
 
 $(SAMPLE): | $(VENV)/.installed
 	mkdir -p $(dir $@)
@@ -27,5 +34,9 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports --no-cache
 
-test: lint
+test: lint $(NODE_MODULES)
 	$(BIN)/python -m pytest
+
+# The Dataflow images and flex templates (templates/build.sh; needs gcloud, REPOSITORY, BUCKET).
+templates: $(VENV)/.installed
+	templates/build.sh

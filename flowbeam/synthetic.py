@@ -20,6 +20,7 @@ import numpy as np
 from flowbeam.capture.writer import CapturedPacket, write_pcap
 
 TCP_KIND, UDP_KIND, ICMP_KIND = 0, 1, 2
+REFUSED_KIND = 3  # a TCP connection attempt the server refuses: SYN, then RST+ACK
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 _ETH_IPV4 = bytes.fromhex("02000000000202000000000108" + "00")
 _ETH_IPV6 = bytes.fromhex("02000000000202000000000186" + "dd")
@@ -51,7 +52,7 @@ class ExpectedFlow:
 class TrafficPlan:
     """Per-flow parameters (NumPy arrays, one element per flow) and the packet schedule."""
 
-    kind: np.ndarray  # TCP_KIND / UDP_KIND / ICMP_KIND
+    kind: np.ndarray  # TCP_KIND / UDP_KIND / ICMP_KIND / REFUSED_KIND
     ipv6: np.ndarray  # bool
     packets: np.ndarray  # packets in the flow
     start_ns: np.ndarray
@@ -66,11 +67,14 @@ class TrafficPlan:
 
 
 def plan_traffic(flows: int, packets: int, seed: int = 1, start_s: int = 1_700_000_000,
-                 duration_s: float = 600.0) -> TrafficPlan:
+                 duration_s: float = 600.0, refused: float = 0.0) -> TrafficPlan:
     """Choose ``flows`` flows totalling about ``packets`` packets over ``duration_s``.
 
     Flow sizes vary (a few packets to a few hundred), client addresses are unique per flow so no two
-    flows share a 5-tuple, and gaps stay far below a 120 s idle timeout.
+    flows share a 5-tuple, and gaps stay far below a 120 s idle timeout. A ``refused`` fraction
+    of the TCP flows are refused connection attempts (2 packets: SYN, RST+ACK), as real traffic
+    has; they are drawn from a separate random stream, so with ``refused=0`` every other flow is
+    exactly what it was before they existed (the benchmarks' captures do not change).
     """
     rng = np.random.default_rng(seed)
     mean = max(packets / flows, 6.0)
@@ -81,6 +85,10 @@ def plan_traffic(flows: int, packets: int, seed: int = 1, start_s: int = 1_700_0
     span_ns = int(duration_s * 1e9)
     start = start_s * 1_000_000_000 + rng.integers(0, span_ns // 2, flows)
     gap = rng.integers(200_000, 2_000_000_000, flows) // np.maximum(sizes, 1)
+    if refused:
+        chosen = (kind == TCP_KIND) & (np.random.default_rng([seed, 1]).random(flows) < refused)
+        kind = np.where(chosen, REFUSED_KIND, kind)
+        sizes = np.where(chosen, 2, sizes)
     return TrafficPlan(
         kind=kind, ipv6=rng.random(flows) < 0.2, packets=sizes, start_ns=np.sort(start),
         gap_ns=np.maximum(gap, 1000), payload=rng.integers(0, 1200, flows),
@@ -105,8 +113,13 @@ def _frame(plan: TrafficPlan, flow: int, index: int) -> tuple[bytes, bool]:
     ipv6 = bool(plan.ipv6[flow])
     from_client = index % 2 == 0
     payload_len = int(plan.payload[flow])
-    client_port, server_port = int(plan.sport[flow]), 443 if kind == TCP_KIND else 53
-    if kind == TCP_KIND:
+    client_port, server_port = int(plan.sport[flow]), 53 if kind == UDP_KIND else 443
+    if kind == REFUSED_KIND:
+        flags, payload_len = (SYN, 0) if from_client else (RST | ACK, 0)
+        sport, dport = (client_port, server_port) if from_client else (server_port, client_port)
+        transport = _TCP.pack(sport, dport, index, index, 0x50, flags, 65535, 0, 0)
+        protocol = 6
+    elif kind == TCP_KIND:
         if index == 0:
             flags, payload_len = SYN, 0
         elif index == 1:
@@ -191,16 +204,17 @@ def _endpoints(frame: bytes, ipv6: bool) -> tuple[str, str]:
 
 def _ports(plan: TrafficPlan, flow: int) -> tuple[int, int]:
     kind = int(plan.kind[flow])
-    if kind == TCP_KIND:
+    if kind in (TCP_KIND, REFUSED_KIND):
         return int(plan.sport[flow]), 443
     if kind == UDP_KIND:
         return int(plan.sport[flow]), 53
     return (128, 129) if plan.ipv6[flow] else (8, 0)
 
 
-def write_capture(path: str, flows: int, packets: int, seed: int = 1) -> TrafficPlan:
+def write_capture(path: str, flows: int, packets: int, seed: int = 1,
+                  refused: float = 0.0) -> TrafficPlan:
     """Write a classic pcap of the planned traffic to ``path``; returns the plan."""
-    plan = plan_traffic(flows, packets, seed)
+    plan = plan_traffic(flows, packets, seed, refused=refused)
     with open(path, "wb") as stream:
         write_pcap(stream, generate_packets(plan))
     return plan

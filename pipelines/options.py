@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
+import logging
 import os
+import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (
     GoogleCloudOptions,
     PipelineOptions,
@@ -36,14 +42,47 @@ from transforms.bigquery_config import (
     resolve_table,
     resolve_write_method,
 )
+from transforms.bigquery_merge import INSERT_MODES, resolve_insert_mode
 from transforms.build_flows import DEFAULT_SHARDS
+from transforms.dead_letters import dead_letter
 
 USAGE_ERROR = 2
 
 
+ENV_PREFIX = "FLOWBEAM_"
+# FLOWBEAM_ variables that are not options: the test suite's CI switch (tests/local_servers.py).
+OTHER_ENV_VARIABLES = {"FLOWBEAM_REQUIRE_SERVERS"}
+_option_variables: set[str] = set()  # every FLOWBEAM_<NAME> an option has looked up
+
+
 def env_default(name: str, default: object = None) -> object:
     """The default for option ``name``: ``$FLOWBEAM_<NAME>`` when set, else ``default``."""
-    return os.environ.get(f"FLOWBEAM_{name.upper()}", default)
+    variable = f"{ENV_PREFIX}{name.upper()}"
+    _option_variables.add(variable)
+    return os.environ.get(variable, default)
+
+
+def env_flag(name: str) -> bool:
+    """The default of a switch (``store_true``) option ``name``: whether
+    ``$FLOWBEAM_<NAME>`` is set to 1, true or yes (any case)."""
+    return str(env_default(name, "")).strip().lower() in ("1", "true", "yes")
+
+
+def unknown_environment() -> list[str]:
+    """A warning for each ``FLOWBEAM_*`` variable no option reads, naming the closest one.
+
+    Call it after every option has been looked up: a misspelled ``FLOWBEAM_IDLE_TIMOUT`` would
+    otherwise be ignored without a word and the run would use the default.
+    """
+    known = sorted(_option_variables | OTHER_ENV_VARIABLES)
+    warnings = []
+    for variable in sorted(v for v in os.environ if v.startswith(ENV_PREFIX)):
+        if variable in known:
+            continue
+        close = difflib.get_close_matches(variable, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        warnings.append(f"{variable} is no option of this pipeline{hint}; it is ignored")
+    return warnings
 
 
 class OptionsError(ValueError):
@@ -69,6 +108,31 @@ class FlowOptions(PipelineOptions):
         parser.add_argument(
             "--flow_shards", type=int, default=env_default("flow_shards", DEFAULT_SHARDS),
             help=f"State shards of the flow engine (default {DEFAULT_SHARDS}).")
+        parser.add_argument(
+            "--sensor", default=env_default("sensor", ""),
+            help="Name of the observation point, written to the sensor column and part of "
+                 "the flow key (two sensors never merge each other's flows). Default: none.")
+
+
+class InputOptions(PipelineOptions):
+    """``--input``, shared by the batch pipelines (pcap, VPC Flow Logs): Beam registers every
+    options class of the process in one parser, so a flag may be defined only once."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: Any) -> None:
+        parser.add_argument(
+            "--input", action="append", default=None,
+            help="Input file, glob, gs:// or s3:// path (.gz is decompressed); repeatable. "
+                 "FLOWBEAM_INPUT may hold several, separated by commas.")
+
+
+def input_patterns(options: PipelineOptions) -> tuple[str, ...]:
+    """The ``--input`` patterns (else ``$FLOWBEAM_INPUT``'s, comma-separated), local ones
+    made absolute (``absolute_pattern``); empty when none was given."""
+    from_env = str(env_default("input", "")).split(",")
+    inputs = options.view_as(InputOptions).input or [
+        pattern.strip() for pattern in from_env if pattern.strip()]
+    return tuple(absolute_pattern(pattern) for pattern in inputs)
 
 
 class LocalSinkOptions(PipelineOptions):
@@ -114,6 +178,11 @@ class BigQueryOptions(PipelineOptions):
             help="BigQuery REST endpoint URL, e.g. an emulator's http://127.0.0.1:9050 "
                  "(default: $BIGQUERY_EMULATOR_HOST); uses anonymous credentials.")
         parser.add_argument(
+            "--bq_insert_mode", default=env_default("bq_insert_mode"), choices=INSERT_MODES,
+            help="merge (default in batch): stage the rows and MERGE them into the table on "
+                 "their id, so a re-run adds no duplicate; append (default in streaming): "
+                 "write straight into the table.")
+        parser.add_argument(
             "--service_account_key_file", default=env_default("service_account_key_file"),
             help="Service account JSON key (default: Application Default Credentials). "
                  "Read where the pipeline runs locally; Dataflow workers use their own "
@@ -129,6 +198,7 @@ class FlowConfig:
     active_timeout_s: float
     byte_accounting: str
     flow_shards: int
+    sensor: str = ""
 
 
 def flow_config(options: PipelineOptions, to_bigquery: bool = False) -> FlowConfig:
@@ -147,7 +217,7 @@ def flow_config(options: PipelineOptions, to_bigquery: bool = False) -> FlowConf
     if flows.flow_shards < 1:
         raise OptionsError(f"--flow_shards must be at least 1, got {flows.flow_shards}")
     return FlowConfig(output, flows.idle_timeout, flows.active_timeout, flows.byte_accounting,
-                      flows.flow_shards)
+                      flows.flow_shards, flows.sensor or "")
 
 
 def resolve_bigquery_config(options: PipelineOptions) -> BigQueryConfig | None:
@@ -170,14 +240,36 @@ def resolve_bigquery_config(options: PipelineOptions) -> BigQueryConfig | None:
     return BigQueryConfig(table, method, endpoint, opts.service_account_key_file)
 
 
+def bigquery_insert_mode(options: PipelineOptions, config: BigQueryConfig) -> str:
+    """``--bq_insert_mode``, defaulted by pipeline mode and checked against the write method
+    (``transforms.bigquery_merge``). Raises ``BigQueryConfigError``."""
+    return resolve_insert_mode(
+        options.view_as(BigQueryOptions).bq_insert_mode,
+        streaming=bool(options.view_as(StandardOptions).streaming),
+        write_method=config.write_method)
+
+
 def unknown_flags(options: PipelineOptions, argv: Sequence[str]) -> list[str]:
     """Flags no registered option class knows, with a suggestion when one is close.
 
     Beam would log and discard them; a mistyped ``--idle-timeout`` must not silently run
-    with the default instead.
+    with the default instead. A bad value (``--idle_timeout abc``, or ``FLOWBEAM_IDLE_TIMEOUT=abc``)
+    raises ``OptionsError`` with argparse's one-line reason instead of Beam's usage dump of
+    every Beam option.
     """
     parsers: list[argparse.ArgumentParser] = []
-    options.get_all_options(add_extra_args_fn=parsers.append)
+
+    def one_line_errors(parser: argparse.ArgumentParser) -> None:
+        parser.error = functools.partial(_bad_value, list(argv))  # type: ignore[method-assign]
+        parsers.append(parser)
+
+    beam_options_log = logging.getLogger("apache_beam.options.pipeline_options")
+    level = beam_options_log.level
+    beam_options_log.setLevel(logging.ERROR)  # "Discarding unparseable args": reported below
+    try:
+        options.get_all_options(add_extra_args_fn=one_line_errors)
+    finally:
+        beam_options_log.setLevel(level)
     parser = parsers[0]
     _, unknown = parser.parse_known_args(list(argv))
     known = [flag for action in parser._actions for flag in action.option_strings]
@@ -186,9 +278,31 @@ def unknown_flags(options: PipelineOptions, argv: Sequence[str]) -> list[str]:
         if not arg.startswith("-"):
             continue
         name = arg.split("=", 1)[0]
-        close = difflib.get_close_matches(name.replace("-", "_"), known, n=1)
+        # Only the name's inner dashes: "--idle-timeout" -> "--idle_timeout".
+        spelled = "--" + name.lstrip("-").replace("-", "_")
+        close = difflib.get_close_matches(spelled, known, n=1)
         problems.append(f"{name} (did you mean {close[0]}?)" if close else name)
     return problems
+
+
+def _bad_value(argv: Sequence[str], message: str) -> NoReturn:
+    """argparse's error hook: its message as an ``OptionsError``, naming ``FLOWBEAM_<NAME>``
+    when the bad value came from the environment rather than the command line."""
+    match = re.fullmatch(r"argument (--\w+)(?:/\S+)?: (.*)", message, re.DOTALL)
+    if match:
+        flag, problem = match.groups()
+        variable = f"{ENV_PREFIX}{flag[2:].upper()}"
+        given = any(arg == flag or arg.startswith(f"{flag}=") for arg in argv)
+        if not given and variable in os.environ:
+            message = f"{variable}: {problem}"
+    raise OptionsError(message)
+
+
+def invoked_as(module: str, command: str) -> str:
+    """How the user started a pipeline, for its usage line: ``flowbeam pcap`` from the
+    ``flowbeam`` command, else ``python -m pipelines.pcap_flows``."""
+    script = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return f"flowbeam {command}" if script == "flowbeam" else f"python -m {module}"
 
 
 def print_help(prog: str, description: str | None,
@@ -205,7 +319,41 @@ def print_help(prog: str, description: str | None,
 
 def default_runner(options: PipelineOptions) -> None:
     """The DirectRunner's in-process engine, without its Prism probe (a download), unless
-    ``--runner`` was given."""
+    ``--runner`` was given. Streaming takes the DirectRunner's streaming engine
+    (BundleBasedDirectRunner): the FnApiRunner cannot read Pub/Sub."""
     standard = options.view_as(StandardOptions)
     if standard.runner is None:
-        standard.runner = "FnApiRunner"
+        standard.runner = "BundleBasedDirectRunner" if standard.streaming else "FnApiRunner"
+
+
+def absolute_pattern(pattern: str) -> str:
+    """A local pattern as an absolute one; others (gs://, s3://) as they are.
+
+    Beam's local filesystem matches a bare ``*.pcap`` to nothing, and names the same file
+    ``a.pcap`` or ``/here/a.pcap`` depending on the pattern that matched it, so a file given
+    twice (``a.pcap`` and ``*.pcap``) would not be recognised as one.
+    """
+    if FileSystems.get_scheme(pattern) is not None:
+        return pattern
+    return os.path.abspath(os.path.expanduser(pattern))
+
+
+def check_inputs(patterns: Sequence[str], paths: set[str] | None = None) -> list[dict]:
+    """Match every pattern once at start-up, so an empty glob or a bad path gets a clear
+    message before any work starts; returns one dead letter per pattern that matched nothing.
+    ``paths``, when given, collects the files matched (once each: the progress total)."""
+    problems = []
+    for pattern in patterns:
+        try:
+            matched = FileSystems.match([pattern])[0].metadata_list
+        except (OSError, ValueError, beam.io.filesystem.BeamIOError) as error:
+            reason = f"cannot list {pattern!r}: {error}"
+        else:
+            if paths is not None:
+                paths.update(metadata.path for metadata in matched)
+            if matched:
+                continue
+            reason = f"no file matches {pattern!r}"
+        print(f"flowbeam: {reason}", file=sys.stderr)
+        problems.append(dead_letter("match_files", reason, pattern))
+    return problems

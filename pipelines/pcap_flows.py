@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -25,36 +24,39 @@ from pipelines.options import (
     BigQueryOptions,
     FlowConfig,
     FlowOptions,
+    InputOptions,
     LocalSinkOptions,
     OptionsError,
+    bigquery_insert_mode,
+    check_inputs,
     default_runner,
-    env_default,
     flow_config,
+    input_patterns,
+    invoked_as,
     print_help,
     resolve_bigquery_config,
+    unknown_environment,
     unknown_flags,
 )
 from pipelines.summary import RunSummary, summarize
-from transforms.bigquery_config import BigQueryConfig, BigQueryConfigError
+from transforms.bigquery_config import BigQueryConfig, BigQueryConfigError, TableRef
+from transforms.bigquery_merge import MERGE, prepare_staging_table
 from transforms.bigquery_tables import prepare_table
 from transforms.bigquery_write import WriteDeadLettersToBigQuery, WriteFlowsToBigQuery
 from transforms.build_flows import BuildFlows
 from transforms.capture_files import DecodeCaptures
-from transforms.dead_letters import CountDeadLettersFn, dead_letter
-from transforms.local_sink import WriteDeadLetters, WriteFlowsToParquet
+from transforms.dead_letters import CountDeadLettersFn
+from transforms.local_sink import WriteDeadLetters, WriteFlowsToParquet, remove_earlier_outputs
+from transforms.progress import PROGRESS
 
 LOG = logging.getLogger(__name__)
-
-
-class PcapFlowsOptions(PipelineOptions):
-    """The pcap pipeline's own option; the rest are the shared ones of ``pipelines.options``."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser: Any) -> None:
-        parser.add_argument(
-            "--input", action="append", default=None,
-            help="Capture file, glob, gs:// or s3:// path (.gz is decompressed); repeatable. "
-                 "FLOWBEAM_INPUT may hold several, separated by commas.")
+# --help's text (plain: the module docstring's markup would show as is).
+DESCRIPTION = """\
+Capture files to flow records. Reads local paths, globs, gs:// and s3:// paths, gzip'd or
+not, classic pcap and pcapng; writes DIR/flows-*.parquet and DIR/errors-*.jsonl (dead
+letters) and/or a BigQuery table, and prints a summary. Every option can also come from
+FLOWBEAM_<NAME> (FLOWBEAM_INPUT: several patterns separated by commas); the command line wins.
+Exit status: 0 when a capture was read, 1 when none could be, 2 for a usage error."""
 
 
 @dataclass(frozen=True)
@@ -70,36 +72,20 @@ def parse_config(options: PipelineOptions, to_bigquery: bool = False) -> PcapFlo
 
     ``to_bigquery``: flows go to BigQuery, so the local sink (``--output``) is optional.
     """
-    from_env = str(env_default("input", "")).split(",")
-    inputs = options.view_as(PcapFlowsOptions).input or [
-        pattern.strip() for pattern in from_env if pattern.strip()]
+    inputs = input_patterns(options)
     if not inputs:
         raise OptionsError("--input is required (a capture file, glob, gs:// or s3:// path)")
-    return PcapFlowsConfig(tuple(inputs), flow_config(options, to_bigquery))
-
-
-def check_inputs(patterns: Sequence[str]) -> list[dict]:
-    """Match every pattern once at start-up, so an empty glob or a bad path gets a clear
-    message before any work starts; returns one dead letter per pattern that matched nothing."""
-    problems = []
-    for pattern in patterns:
-        try:
-            matched = FileSystems.match([pattern])[0].metadata_list
-        except (OSError, ValueError, beam.io.filesystem.BeamIOError) as error:
-            reason = f"cannot list {pattern!r}: {error}"
-        else:
-            if matched:
-                continue
-            reason = f"no file matches {pattern!r}"
-        print(f"flowbeam: {reason}", file=sys.stderr)
-        problems.append(dead_letter("match_files", reason, pattern))
-    return problems
+    return PcapFlowsConfig(inputs, flow_config(options, to_bigquery))
 
 
 def build(pipeline: beam.Pipeline, config: PcapFlowsConfig,
           startup_dead_letters: Sequence[dict] = (),
-          bigquery: BigQueryConfig | None = None) -> dict[str, beam.PCollection]:
+          bigquery: BigQueryConfig | None = None,
+          staging: TableRef | None = None) -> dict[str, beam.PCollection]:
     """Wire the pipeline: patterns -> fragments -> flows -> local sink and/or BigQuery.
+
+    ``staging``: the job's staging table when rows are merged into BigQuery (the batch
+    default, ``--bq_insert_mode merge``) rather than appended.
 
     Dead letters (unreadable inputs, rows BigQuery rejected) go to the local errors file when
     there is a local sink, else to the BigQuery errors table (rejected rows are written there
@@ -110,7 +96,8 @@ def build(pipeline: beam.Pipeline, config: PcapFlowsConfig,
         pipeline
         | "Patterns" >> beam.Create(list(config.inputs))
         | "DecodeCaptures" >> DecodeCaptures(
-            settings.idle_timeout_s, settings.active_timeout_s, settings.byte_accounting)
+            settings.idle_timeout_s, settings.active_timeout_s, settings.byte_accounting,
+            settings.sensor)
     )
     flows = decoded.fragments | "BuildFlows" >> BuildFlows(
         settings.idle_timeout_s, settings.active_timeout_s, source="pcap",
@@ -122,7 +109,8 @@ def build(pipeline: beam.Pipeline, config: PcapFlowsConfig,
     )
     rejected = []
     if bigquery is not None:
-        rejected.append(flows | "WriteFlowsToBigQuery" >> WriteFlowsToBigQuery(bigquery))
+        rejected.append(flows | "WriteFlowsToBigQuery" >> WriteFlowsToBigQuery(
+            bigquery, staging=staging))
     dead_letters = (
         (input_dead_letters, *rejected)
         | "AllDeadLetters" >> beam.Flatten()
@@ -138,11 +126,13 @@ def build(pipeline: beam.Pipeline, config: PcapFlowsConfig,
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    """Run the pipeline; returns the process exit code (0 ok, 1 nothing read, 2 usage)."""
+    """Run the pipeline; returns the process exit code: 0 when at least one capture was read
+    (other inputs may have failed: see the summary and the dead letters), 1 when none could
+    be, 2 for a usage error."""
     argv_list = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv_list or "--help" in argv_list:
-        print_help("python -m pipelines.pcap_flows", __doc__, [
-            ("pcap pipeline", PcapFlowsOptions), ("flows", FlowOptions),
+        print_help(invoked_as("pipelines.pcap_flows", "pcap"), DESCRIPTION, [
+            ("pcap pipeline: capture files", InputOptions), ("flows", FlowOptions),
             ("local sink", LocalSinkOptions), ("BigQuery sink", BigQueryOptions)])
         return 0
     options = PipelineOptions(argv_list)
@@ -151,30 +141,51 @@ def run(argv: Sequence[str] | None = None) -> int:
         if extra:
             raise OptionsError(f"unknown option(s): {', '.join(extra)}")
         bigquery = resolve_bigquery_config(options)
+        insert_mode = bigquery_insert_mode(options, bigquery) if bigquery else None
         config = parse_config(options, to_bigquery=bigquery is not None)
     except (OptionsError, BigQueryConfigError) as error:
         print(f"flowbeam: error: {error}", file=sys.stderr)
         return USAGE_ERROR
+    for warning in unknown_environment():
+        print(f"flowbeam: warning: {warning}", file=sys.stderr)
     default_runner(options)
     FileSystems.set_options(options)  # s3:// and gs:// credentials, endpoints, regions
-    startup_dead_letters = check_inputs(config.inputs)
-    if len(startup_dead_letters) == len(config.inputs):
-        print("flowbeam: nothing to read", file=sys.stderr)
-        return 1
+    matched: set[str] = set()
+    startup_dead_letters = check_inputs(config.inputs, matched)
+    staging = None
     if bigquery is not None:
         try:
             prepare_table(bigquery)  # an incompatible table fails here, before any work
+            if insert_mode == MERGE:
+                staging = prepare_staging_table(bigquery)
         except BigQueryConfigError as error:
             print(f"flowbeam: error: {error}", file=sys.stderr)
             return USAGE_ERROR
+    if config.flows.output:
+        replaced = remove_earlier_outputs(config.flows.output)
+        if replaced:
+            print(f"flowbeam: replacing {len(replaced)} files of an earlier run in "
+                  f"{config.flows.output}", file=sys.stderr)
     started = time.monotonic()
     pipeline = beam.Pipeline(options=options)
-    build(pipeline, config, startup_dead_letters, bigquery)
+    build(pipeline, config, startup_dead_letters, bigquery, staging)
+    PROGRESS.start(len(matched))
     result = pipeline.run()
+    if not getattr(result, "has_job", True):
+        # Dataflow wrote the job graph to --template_location (a flex template launch does
+        # this, then starts the job itself): there is no job to wait for here.
+        print("flowbeam: job graph written to --template_location; Dataflow runs the job")
+        return 0
     result.wait_until_finish()
-    summary: RunSummary = summarize(result, time.monotonic() - started)
+    PROGRESS.finish()
+    summary: RunSummary = summarize(
+        result, time.monotonic() - started, unmatched_inputs=len(startup_dead_letters),
+        output=config.flows.output, table=bigquery.table.spec if bigquery else None)
     print(summary.render())
-    return 0 if summary.files_read > 0 else 1
+    if summary.captures_read == 0:
+        print("flowbeam: error: no capture could be read", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main() -> None:

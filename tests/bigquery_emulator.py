@@ -26,8 +26,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 HOST = "127.0.0.1"
 PROJECT_ID = "flowbeam-test"
 START_TIMEOUT_S = 60.0
@@ -122,16 +120,20 @@ class BigQueryEmulator:
 
 @contextlib.contextmanager
 def running_emulator() -> Iterator[EmulatorEndpoint]:
-    """A started emulator, or a pytest skip saying why it cannot start here."""
+    """A started emulator, or ``server_unavailable`` (a skip, a failure in CI) saying why it
+    cannot start here, with its output."""
+    from tests.local_servers import server_unavailable
+
     try:
-        import bqemulator  # noqa: F401  (only to give a clear skip reason)
+        import bqemulator  # noqa: F401  (only to give a clear reason)
     except ImportError:
-        pytest.skip("bqemulator is not installed (pip install bqemulator==1.4.0)")
+        server_unavailable("BigQuery emulator",
+                           "bqemulator is not installed (pip install bqemulator==1.4.0)")
     emulator = BigQueryEmulator()
     try:
         endpoint = emulator.start()
     except (EmulatorUnavailable, OSError) as exc:
-        pytest.skip(f"the BigQuery emulator could not start: {exc}")
+        server_unavailable("BigQuery emulator", f"could not start: {exc}")
     try:
         yield endpoint
     finally:

@@ -1,16 +1,42 @@
-"""Start a test server process on 127.0.0.1 and wait until it answers (moto, GCS emulator)."""
+"""Start a test server process on 127.0.0.1 and wait until it answers (moto, GCS emulator);
+``server_unavailable``, the one way a test gives up when its server cannot run here."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import pytest
 
 HOST = "127.0.0.1"
+# Set by .ci/run: there every server must start, so a skip for a missing server is a failure.
+REQUIRE_SERVERS = "FLOWBEAM_REQUIRE_SERVERS"
+LOG_TAIL_CHARS = 2000
+
+
+def server_unavailable(name: str, reason: str, log_tail: str = "") -> NoReturn:
+    """Give up on a test whose server ``name`` cannot run here, saying ``reason``.
+
+    On a developer's machine the test is skipped (the ``-ra`` summary lists why). In CI
+    (``FLOWBEAM_REQUIRE_SERVERS=1``, set by ``.ci/run``) it fails instead, because a suite
+    that passes with its servers skipped has tested nothing of them. ``log_tail`` (the end of
+    the server's output, if it ran) is appended to the message so a CI failure explains itself.
+
+    Use it for every server a test starts (emulators, moto, network namespaces):
+    ``server_unavailable("kinesalite", "exited with 1", log)``.
+    """
+    message = f"{name} is unavailable: {reason}"
+    if log_tail:
+        message += f"\n--- {name} output (end) ---\n{log_tail}"
+    if os.environ.get(REQUIRE_SERVERS) == "1":
+        pytest.fail(f"{message}\n({REQUIRE_SERVERS}=1: servers must start)", pytrace=False)
+    pytest.skip(message)
 
 
 def free_port() -> int:
@@ -23,19 +49,28 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_server(command: list[str], ready: Callable[[], bool], name: str,
                    timeout_s: float = 20.0) -> Iterator[None]:
-    """Run ``command`` until the block ends; skip the test when ``ready()`` never says yes."""
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not ready():
-            if time.monotonic() > deadline or server.poll() is not None:
-                pytest.skip(f"{name} did not start")
-            time.sleep(0.1)
-        yield
-    finally:
-        server.terminate()
+    """Run ``command`` until the block ends; ``server_unavailable`` (skip, or fail in CI) with
+    the server's output when ``ready()`` never says yes."""
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+            deadline = time.monotonic() + timeout_s
+            while not ready():
+                if server.poll() is not None:
+                    reason = f"exited with {server.returncode} before answering"
+                elif time.monotonic() > deadline:
+                    reason = f"did not answer within {timeout_s:.0f} s"
+                else:
+                    time.sleep(0.1)
+                    continue
+                log.seek(0)
+                server_unavailable(name, reason,
+                                   log.read().decode(errors="replace")[-LOG_TAIL_CHARS:])
+            yield
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(timeout=10)

@@ -97,6 +97,14 @@ def flow_row(n: int, **changes: object) -> dict:
         "status": "end_of_flow",
         "source": "pcap",
         "sensor": None,
+        "action": None,
+        "account_id": None,
+        "vpc_id": None,
+        "subnet_id": None,
+        "instance_id": None,
+        "flow_direction": None,
+        "src_subnet": None,
+        "dst_subnet": None,
     }
     row.update(changes)
     assert tuple(row) == FLOW_COLUMN_NAMES
@@ -354,7 +362,9 @@ def test_bigquery_schema_is_derived_from_flow_columns():
     assert [f.name for f in fields] == list(FLOW_COLUMN_NAMES)
     assert {f.name: f.mode for f in fields if f.mode == "NULLABLE"} == {
         "src_tcp_flags": "NULLABLE", "dst_tcp_flags": "NULLABLE", "vlan_id": "NULLABLE",
-        "sensor": "NULLABLE"}
+        "sensor": "NULLABLE", "action": "NULLABLE", "account_id": "NULLABLE",
+        "vpc_id": "NULLABLE", "subnet_id": "NULLABLE", "instance_id": "NULLABLE",
+        "flow_direction": "NULLABLE", "src_subnet": "NULLABLE", "dst_subnet": "NULLABLE"}
 
 
 def test_error_table_columns_are_the_dead_letter_fields():

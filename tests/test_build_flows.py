@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -14,7 +17,7 @@ from apache_beam.transforms.window import TimestampedValue
 from flowbeam.flows.engine import ACTIVE_TIMEOUT, END_OF_FLOW, IDLE_TIMEOUT
 from flowbeam.flows.protocols import TCP_ACK, TCP_FIN, TCP_SYN
 from tests.fragment_builders import S, packet
-from transforms.build_flows import BuildFlows
+from transforms.build_flows import BuildFlows, shard_of
 
 T0 = 1_700_000_000 * S
 
@@ -89,8 +92,9 @@ def test_streaming_with_out_of_order_elements_and_watermark_steps():
             stream = stream.add_elements(
                 [TimestampedValue([f], f.first_us / S) for f in step])
         stream = stream.advance_watermark_to((T0 + max(start, 30) * S - 30 * S) / S)
-    # The BundleBasedDirectRunner does not hold the output watermark for a timer set while
-    # the watermark jumps to infinity (a real runner does): end on a finite step first.
+    # End on a finite step first: rows still open when the watermark jumps to infinity are
+    # forced ends (a drain, see tests/test_build_flows_streaming.py), and the streaming
+    # DirectRunner holds no watermark for timers, so assert_that would miss them.
     stream = stream.advance_watermark_to((T0 + 10_000 * S) / S).advance_watermark_to_infinity()
     options = PipelineOptions()
     options.view_as(StandardOptions).streaming = True
@@ -101,3 +105,15 @@ def test_streaming_with_out_of_order_elements_and_watermark_steps():
                 | beam.ParDo(Summarize()))
         assert_that(rows, equal_to(EXPECTED))
 
+
+
+def test_a_flow_key_has_the_same_shard_in_every_process():
+    # str hashes differ between processes (PYTHONHASHSEED): a scoped key must not use them,
+    # or two workers would split one flow's fragments between shards.
+    fragment = "packet(0, '10.0.0.1', 1, '10.0.0.2', 2, scope='sensor-7')"
+    code = ("from tests.fragment_builders import packet; from transforms.build_flows import "
+            f"shard_of; print(shard_of({fragment}, 4096))")
+    other = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                           text=True, env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
+    assert int(other) == shard_of(packet(0, "10.0.0.1", 1, "10.0.0.2", 2, scope="sensor-7"),
+                                  4096)

@@ -15,7 +15,7 @@ from apache_beam.internal.gcp import auth as beam_auth
 from flowbeam.capture.writer import write_pcap
 from flowbeam.synthetic import generate_packets, plan_traffic
 from pipelines.pcap_flows import run
-from tests.local_servers import free_port, running_server
+from tests.local_servers import free_port, running_server, server_unavailable
 from tests.test_pcap_pipeline import as_expected, truth
 
 EMULATOR = Path(sys.executable).with_name("gcp-storage-emulator")
@@ -24,7 +24,8 @@ EMULATOR = Path(sys.executable).with_name("gcp-storage-emulator")
 @pytest.fixture(scope="module")
 def gcs():
     if not EMULATOR.exists():
-        pytest.skip(f"{EMULATOR} is absent (pip install gcp-storage-emulator)")
+        server_unavailable("gcp-storage-emulator",
+                           f"{EMULATOR} is absent (pip install gcp-storage-emulator)")
     port = free_port()
     with pytest.MonkeyPatch.context() as env:
         env.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")

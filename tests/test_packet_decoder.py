@@ -24,6 +24,7 @@ from flowbeam.packets.columns import (
     empty_columns,
 )
 from flowbeam.packets.decoder import MAX_TIMESTAMP_US, PacketDecoder
+from flowbeam.packets.header_constants import VLAN_ETHERTYPES
 
 PCAPS = Path(__file__).resolve().parents[2] / "shared/data/pcaps"
 
@@ -46,19 +47,20 @@ def ethernet(payload: bytes, ethertype: int, tags: tuple[tuple[int, int], ...] =
 
 def ipv4(proto: int, payload: bytes, src: str = A4, dst: str = B4, *, ident: int = 0x1234,
          frag: int = 0, options: bytes = b"", total: int | None = None,
-         ihl: int | None = None, version: int = 4) -> bytes:
+         ihl: int | None = None, version: int = 4, tos: int = 0) -> bytes:
     header_len = 20 + len(options)
     vihl = (version << 4) | (header_len // 4 if ihl is None else ihl)
     total = header_len + len(payload) if total is None else total
-    header = struct.pack("!BBHHHBBH4s4s", vihl, 0, total, ident, frag, 64, proto, 0,
+    header = struct.pack("!BBHHHBBH4s4s", vihl, tos, total, ident, frag, 64, proto, 0,
                          ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
     return header + options + payload
 
 
 def ipv6(nxt: int, payload: bytes, src: str = A6, dst: str = B6,
-         payload_len: int | None = None) -> bytes:
+         payload_len: int | None = None, *, traffic_class: int = 0, flow_label: int = 0) -> bytes:
     plen = len(payload) if payload_len is None else payload_len
-    return (struct.pack("!IHBB", 6 << 28, plen, nxt, 64) + ipaddress.IPv6Address(src).packed
+    first_word = (6 << 28) | (traffic_class << 20) | flow_label
+    return (struct.pack("!IHBB", first_word, plen, nxt, 64) + ipaddress.IPv6Address(src).packed
             + ipaddress.IPv6Address(dst).packed + payload)
 
 
@@ -221,6 +223,47 @@ def test_vlan_tags_outermost_id(tags: tuple, vlan: int) -> None:
     assert int(cols.vlan_id[0]) == vlan
     cols, _ = decode_one(ethernet(ipv6(TCP, tcp(1, 2, SYN)), 0x86DD, tags))
     assert (flow(cols), int(cols.vlan_id[0])) == ((6, TCP, A6, B6, 1, 2), vlan)
+
+
+# Every single-tag shape the vectorised Ethernet path takes: each tag type, TCIs with every
+# priority, the DEI bit, VLAN ids 0 and 4095 (the id is the TCI's low 12 bits only), and IP
+# headers whose first bytes are not the usual 0x45 00 / 0x60 00 00 00 (TOS, traffic class, flow
+# label). The other tests' tags all carry priority 1 and no flow label, so a fast path that
+# mishandled these would be hidden.
+FAST_TCIS = (0x0000, 0x0001, 0x0FFF, 0x1ABC, 0x2064, 0x7001, 0xE123, 0xFFFF)
+FAST_PAYLOADS = [
+    # (ethertype, IP packet, (version, protocol, src, dst, src_port, dst_port), ip_bytes, flags)
+    (0x0800, ipv4(TCP, tcp(1, 2, SYN)), (4, TCP, A4, B4, 1, 2), 40, SYN),
+    (0x0800, ipv4(UDP, udp(3, 4, b"abc"), tos=0xB8), (4, UDP, A4, B4, 3, 4), 31, 0),
+    (0x0800, ipv4(ICMP, icmp(8, 0), tos=0xFF), (4, ICMP, A4, B4, 8, 0), 28, 0),
+    (0x0800, ipv4(GRE, bytes(8)), (4, GRE, A4, B4, 0, 0), 28, 0),
+    (0x86DD, ipv6(TCP, tcp(5, 6, ACK), traffic_class=0xB8, flow_label=0xFFFFF),
+     (6, TCP, A6, B6, 5, 6), 60, ACK),
+    (0x86DD, ipv6(UDP, udp(7, 8), flow_label=0x12345), (6, UDP, A6, B6, 7, 8), 48, 0),
+    (0x86DD, ipv6(ICMP6, icmp(128, 0), traffic_class=0x01), (6, ICMP6, A6, B6, 128, 129), 48, 0),
+]
+
+
+@pytest.mark.parametrize("tpid", sorted(VLAN_ETHERTYPES), ids=hex)
+def test_single_tagged_frames_take_the_fast_path_exactly(tpid: int) -> None:
+    frames, expected = [], []
+    for tci in FAST_TCIS:
+        for ethertype, packet, key, ip_bytes, flags in FAST_PAYLOADS:
+            header = bytes.fromhex("001122334455" "66778899aabb")
+            frames.append(header + struct.pack("!HHH", tpid, tci, ethertype) + packet)
+            expected.append((key, tci & 0x0FFF, ip_bytes, flags))
+    decoder = PacketDecoder()
+
+    def no_slow_path(*packet: object) -> list[tuple]:
+        raise AssertionError(f"took the per-packet path: {packet}")
+
+    decoder._slow_packet = no_slow_path  # type: ignore[method-assign]
+    cols = decoder.decode(make_batch(frames))
+    assert [(flow(cols, i), int(cols.vlan_id[i]), int(cols.ip_bytes[i]),
+             int(cols.tcp_flags[i])) for i in range(len(cols))] == expected
+    assert not decoder.errors
+    # The per-packet path, which the other tests exercise on the same shapes, agrees.
+    assert_columns_equal(cols, PacketDecoder()._decode(make_batch(frames), vectorised=False))
 
 
 def mpls(payload: bytes, labels: tuple[int, ...]) -> bytes:

@@ -6,7 +6,8 @@ difference is listed here and what flowbeam produces instead is asserted:
 
 - ICMP/ICMPv6: nfstream keys all ICMP between two addresses as one flow with ports 0;
   flowbeam puts type/code in the ports (Community ID's port equivalents), so one nfstream flow
-  may be several of ours. Asserted: the totals per address pair are equal, and every ICMP row's
+  may be several of ours. Asserted: the packets and bytes each address sent to each other
+  address are equal (per direction, not per pair), and every ICMP row's
   ports are a (type, code or paired type) of a message its initiator really sent (read with dpkt).
 - IPv4 fragments: nfstream counts first fragments only; flowbeam counts non-first fragments
   toward their first fragment's flow. Asserted: our flow is tshark's per-packet flow for the
@@ -139,20 +140,38 @@ def test_tcp_and_udp_flows_equal_nfstream(compared):
     assert len(ported) == len([f for f in theirs if f["ip_protocol"] not in ICMP_PROTOCOLS])
 
 
-def test_icmp_totals_per_address_pair_equal_nfstream(compared_icmp):
+def icmp_sent(rows: list[dict], counts_of) -> dict[tuple, tuple[int, int]]:
+    """ICMP packets and bytes per (protocol, sender, receiver), summed over rows: a flow's
+    source sent its src counts, its destination its dst counts."""
+    sums: dict[tuple, tuple[int, int]] = defaultdict(lambda: (0, 0))
+    for row in rows:
+        if row["ip_protocol"] not in ICMP_PROTOCOLS:
+            continue
+        src_packets, dst_packets, src_bytes, dst_bytes = counts_of(row)
+        for sender, receiver, packets, size in (
+                (row["src_addr"], row["dst_addr"], src_packets, src_bytes),
+                (row["dst_addr"], row["src_addr"], dst_packets, dst_bytes)):
+            if packets:
+                total = sums[(row["ip_protocol"], sender, receiver)]
+                sums[(row["ip_protocol"], sender, receiver)] = (total[0] + packets,
+                                                                total[1] + size)
+    return dict(sums)
+
+
+def test_icmp_sent_per_sender_equals_nfstream(compared_icmp):
+    """Per direction, so a row that swapped sender and receiver (0 sent, 3 received where
+    nfstream says 3, 0) fails."""
     _, ours, theirs = compared_icmp
-    def totals(rows, key):
-        sums = defaultdict(lambda: [0, 0])
-        for row in rows:
-            pair = (row["ip_protocol"], frozenset((row["src_addr"], row["dst_addr"])))
-            c = key(row)
-            sums[pair][0] += c[0] + c[1]
-            sums[pair][1] += c[2] + c[3]
-        return dict(sums)
-    expected = totals([f for f in theirs if f["ip_protocol"] in ICMP_PROTOCOLS],
-                      lambda f: f["counts"])
-    actual = totals([r for r in ours if r["ip_protocol"] in ICMP_PROTOCOLS], counts)
-    assert actual == expected
+    assert icmp_sent(ours, counts) == icmp_sent(theirs, lambda f: f["counts"])
+
+
+def test_icmp_sent_per_sender_sees_a_swapped_direction():
+    """The comparison itself: the traceroute row nfstream reads as 3 sent, 0 received."""
+    row = {"ip_protocol": 1, "src_addr": "192.168.100.1", "dst_addr": "192.168.100.138"}
+    assert icmp_sent([row], lambda _: (3, 0, 168, 0)) == {
+        (1, "192.168.100.1", "192.168.100.138"): (3, 168)}
+    assert icmp_sent([row], lambda _: (0, 3, 0, 168)) == {
+        (1, "192.168.100.138", "192.168.100.1"): (3, 168)}
 
 
 def test_icmp_ports_are_type_and_code_of_a_real_message(compared_icmp):

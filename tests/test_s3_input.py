@@ -13,7 +13,7 @@ from botocore.exceptions import EndpointConnectionError
 from flowbeam.capture.writer import write_pcap
 from flowbeam.synthetic import generate_packets, plan_traffic
 from pipelines.pcap_flows import run
-from tests.local_servers import free_port, running_server
+from tests.local_servers import free_port, running_server, server_unavailable
 from tests.test_pcap_pipeline import as_expected, read_errors, read_flows, truth
 
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
@@ -24,7 +24,7 @@ CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing
 @pytest.fixture(scope="module")
 def s3_endpoint():
     if not MOTO_SERVER.exists():
-        pytest.skip(f"{MOTO_SERVER} is absent (pip install 'moto[server]')")
+        server_unavailable("moto_server", f"{MOTO_SERVER} is absent (pip install 'moto[server]')")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     client = boto3.client("s3", endpoint_url=url, **CREDENTIALS)

@@ -11,8 +11,9 @@ bundle) nor for an endpoint or explicit credentials, but it accepts a client thr
 google-cloud-bigquery client (``insert_rows_json``). ``BigQueryClients`` is that client: it
 talks to ``--bq_endpoint`` with anonymous credentials or to BigQuery with the key file or
 Application Default Credentials, and sends each flow row's deterministic ``id`` as its insert
-id so that a retried bundle or a re-run does not duplicate rows (BigQuery de-duplicates insert
-ids on a best-effort basis, for about a minute).
+id so that a retried bundle does not duplicate rows (BigQuery de-duplicates insert ids on a
+best-effort basis, for about a minute). Re-runs are de-duplicated by the batch merge
+(``transforms.bigquery_merge``), which creates its staging table with ``ensure_table`` too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import google.auth
@@ -50,7 +52,7 @@ PARTITION_FIELD = "first_seen_at"
 STARTUP_DEADLINE_S = 30.0
 REQUIRED_ROLES_HINT = (
     "the account needs roles/bigquery.dataEditor on the dataset "
-    "(and roles/bigquery.jobUser on the project for file_loads)"
+    "(and roles/bigquery.jobUser on the project for file_loads and the batch merge)"
 )
 FLOWS_TABLE_DESCRIPTION = (
     "flowbeam flow records: one row per flow (or per active-timeout interval of a long flow). "
@@ -232,7 +234,7 @@ class BigQueryClients:
 
 
 @contextlib.contextmanager
-def _startup_errors(action: str, config: BigQueryConfig) -> Iterator[None]:
+def startup_errors(action: str, config: BigQueryConfig) -> Iterator[None]:
     """Turn the failures a user can fix (access, credentials, reachability) into
     ``BigQueryConfigError`` naming the action; anything else propagates unchanged."""
     where = config.endpoint or "bigquery.googleapis.com"
@@ -264,9 +266,11 @@ def _check_dataset(client: bigquery.Client, ref: TableRef, deadline_s: float) ->
 
 
 def _new_table(ref: TableRef, columns: Sequence[Column], description: str,
-               partition_field: str | None, clustering: Sequence[str]) -> bigquery.Table:
+               partition_field: str | None, clustering: Sequence[str],
+               expires: datetime | None) -> bigquery.Table:
     table = bigquery.Table(ref.path, schema=bigquery_schema_fields(columns))
     table.description = description
+    table.expires = expires
     if partition_field:
         table.time_partitioning = bigquery.TimePartitioning(
             type_=bigquery.TimePartitioningType.DAY, field=partition_field)
@@ -278,14 +282,16 @@ def _new_table(ref: TableRef, columns: Sequence[Column], description: str,
 def ensure_table(client: bigquery.Client, ref: TableRef, columns: Sequence[Column],
                  description: str, partition_field: str | None = None,
                  clustering: Sequence[str] = (),
-                 deadline_s: float = STARTUP_DEADLINE_S) -> bigquery.Table:
-    """Create the table, or return the existing one if rows of ``columns`` fit in it;
-    raise ``BigQueryConfigError`` listing the differences if they do not."""
+                 deadline_s: float = STARTUP_DEADLINE_S,
+                 expires: datetime | None = None) -> bigquery.Table:
+    """Create the table (deleted by BigQuery at ``expires`` when given), or return the
+    existing one if rows of ``columns`` fit in it; raise ``BigQueryConfigError`` listing the
+    differences if they do not."""
     retry = bigquery.DEFAULT_RETRY.with_deadline(deadline_s)
     try:
         existing = client.get_table(ref.path, retry=retry, timeout=deadline_s)
     except api_exceptions.NotFound:
-        new = _new_table(ref, columns, description, partition_field, clustering)
+        new = _new_table(ref, columns, description, partition_field, clustering, expires)
         try:
             created = client.create_table(new, retry=retry, timeout=deadline_s)
         except api_exceptions.Conflict:  # created meanwhile by another job: check it
@@ -305,7 +311,7 @@ def prepare_table(config: BigQueryConfig, client: bigquery.Client | None = None,
                   deadline_s: float = STARTUP_DEADLINE_S) -> bigquery.Table:
     """Start-up step, before any data is read: create the flow table (and the errors table
     when the write method reports rejected rows) or check that the existing ones fit."""
-    with _startup_errors(f"preparing {config.table.spec}", config):
+    with startup_errors(f"preparing {config.table.spec}", config):
         client = client or cloud_client(config)
         _check_dataset(client, config.table, deadline_s)
         table = ensure_table(client, config.table, FLOW_COLUMNS, FLOWS_TABLE_DESCRIPTION,

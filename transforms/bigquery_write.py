@@ -2,14 +2,16 @@
 
 Every row BigQuery rejects becomes a ``dead_letter`` (stage ``bigquery_insert``), is counted
 (``flowbeam/bigquery_rejected_rows``), written to the ``<table>_errors`` table and returned so
-the pipeline can also write it to its local errors file.
+the pipeline can also write it to its local errors file. Given a staging table (the batch
+``merge`` insert mode, ``transforms.bigquery_merge``), the rows go there and are merged into
+the flow table once the write has finished.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +20,7 @@ from apache_beam.io.gcp.bigquery import BigQueryDisposition, WriteToBigQuery
 from apache_beam.io.gcp.bigquery_tools import RetryStrategy
 from apache_beam.utils.timestamp import Timestamp
 
+from flowbeam.flows.schema import FLOW_COLUMNS, Column
 from transforms import counters
 from transforms.bigquery_config import (
     INSERT_ID_FIELD,
@@ -26,7 +29,9 @@ from transforms.bigquery_config import (
     STREAMING_INSERTS,
     WRITE_METHODS,
     BigQueryConfig,
+    TableRef,
 )
+from transforms.bigquery_merge import MergeStagedRows, write_finished_signals
 from transforms.bigquery_tables import BigQueryClients, bigquery_table_schema
 from transforms.dead_letters import dead_letter
 
@@ -169,12 +174,23 @@ class WriteFlowsToBigQuery(beam.PTransform):
     mid-run is not re-created without them. File loads succeed or fail as a whole job, so
     with them the returned PCollection is empty; streaming inserts and the Storage Write API
     report each rejected row, which also goes to ``<table>_errors``.
+
+    ``staging``: write into this job's staging table (``prepare_staging_table``) and merge it
+    into the flow table on ``id`` when the write has finished, so a re-run adds no duplicate.
+    Dead letters still name, and go beside, the flow table.
+
+    ``columns``: the table's columns when it is not the flow table (``config.table`` then
+    names another prepared table, e.g. the VPC pipeline's ``subnet_traffic``).
     """
 
-    def __init__(self, config: BigQueryConfig, batch_size: int | None = None) -> None:
+    def __init__(self, config: BigQueryConfig, batch_size: int | None = None,
+                 staging: TableRef | None = None,
+                 columns: Sequence[Column] = FLOW_COLUMNS) -> None:
         super().__init__()
         self._config = config
         self._batch_size = batch_size
+        self._staging = staging
+        self._columns = tuple(columns)
 
     def expand(self, rows: beam.PCollection) -> beam.PCollection:
         config = self._config
@@ -183,10 +199,10 @@ class WriteFlowsToBigQuery(beam.PTransform):
             rows
             | "ToBigQueryRows" >> beam.Map(to_bigquery_row, beam_timestamps=storage_api)
             | "WriteToBigQuery" >> WriteToBigQuery(
-                table=config.table.spec,
+                table=(self._staging or config.table).spec,
                 # Only the Storage Write API needs it (to build Beam rows); file loads must
                 # not send it: an existing compatible table may differ in modes.
-                schema=bigquery_table_schema() if storage_api else None,
+                schema=bigquery_table_schema(self._columns) if storage_api else None,
                 method=WRITE_METHODS[config.write_method],
                 create_disposition=BigQueryDisposition.CREATE_NEVER,
                 write_disposition=BigQueryDisposition.WRITE_APPEND,
@@ -194,6 +210,9 @@ class WriteFlowsToBigQuery(beam.PTransform):
                 batch_size=self._batch_size,
                 test_client=_client_for(config, config.write_method, INSERT_ID_FIELD))
         )
+        if self._staging is not None:
+            _ = rows.pipeline | "MergeStagedRows" >> MergeStagedRows(
+                config, self._staging, write_finished_signals(result, config.write_method))
         if not config.reports_rejected_rows:
             return rows.pipeline | "NoRejectedRows" >> beam.Create([])
         dead_letters = result.failed_rows_with_errors | "ToDeadLetters" >> beam.ParDo(

@@ -5,11 +5,14 @@ stateful DoFn with one event-time timer per shard. The rules themselves (idle an
 timeouts, TCP end of flow, direction) are the pure ``flow_engine.advance``; this module only
 keeps state and decides *when* to call it:
 
-- streaming: the timer fires when the watermark reaches the earliest time at which a row of
-  the shard can be final; ``advance`` emits what is final at that time and keeps the rest;
-- batch: the watermark jumps to infinity once all input is read, so every timer fires once,
-  at the end (see FIELD-NOTES); the shard then emits everything (open flows as forced ends
-  when their input ended while they were active).
+- streaming (``transforms/flow_state.py``): the timer fires when the watermark reaches the
+  earliest time at which a row of the shard can be final; the shard's ``OpenFlows`` (its
+  flows, each with its due time) emits what is final at that time, running the rules only on
+  the flows that are due or got fragments; a drain emits the flows still open as forced ends;
+- batch (here): the watermark jumps to infinity once all input is read, so every timer fires
+  once, at the end (see FIELD-NOTES); the shard then emits everything (open flows as forced
+  ends when their input ended while they were active). One bag read per shard is all batch
+  needs, so batch keeps the plain bag: no index to build and write back.
 
 Why shards and not one state cell per flow key: a stateful element costs ~90 us on the
 in-process runners (state and timer bookkeeping), so a state cell per flow would cap a local
@@ -25,32 +28,35 @@ measures every cached value with ``objsize``, which walks a list of fragments ob
 from __future__ import annotations
 
 import pickle
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.coders import coders
 from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import (
-    BagStateSpec,
-    ReadModifyWriteStateSpec,
-    TimerSpec,
-    on_timer,
-)
+from apache_beam.transforms.userstate import BagStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 
 from flowbeam.flows.engine import advance
-from flowbeam.flows.fragment import Continuation, Fragment
+from flowbeam.flows.fragment import Fragment
 from flowbeam.flows.records import to_flow_record
 from transforms import counters
 from transforms.flow_record_coder import FlowRecord
+from transforms.flow_state import StreamingMergeFn
 
 DEFAULT_SHARDS = 256
 
 
 def shard_of(fragment: Fragment, shards: int) -> int:
-    """The shard of a fragment's flow key (stable across processes: ints hash deterministically)."""
-    return hash(fragment.key) % shards
+    """The shard of a fragment's flow key, the same in every process.
+
+    Ints and tuples of ints hash deterministically, str does not (``PYTHONHASHSEED``): two
+    workers would put one flow's fragments in different shards. The scope (a str) goes in
+    as its CRC.
+    """
+    key = fragment.key
+    return hash((key[:9], zlib.crc32(key[9].encode()))) % shards
 
 
 class _ShardFragmentsFn(beam.DoFn):
@@ -67,17 +73,15 @@ class _ShardFragmentsFn(beam.DoFn):
 
 
 class _MergeFragmentsFn(beam.DoFn):
-    """Per shard: keep fragments (and continuations of long flows) until their rows are final."""
+    """Batch, per shard: keep fragments until the input ends, then emit every row."""
 
     PENDING = BagStateSpec("pending", coders.BytesCoder())
-    NEXT_FIRE = ReadModifyWriteStateSpec("next_fire", coders.VarIntCoder())
     CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
 
-    def __init__(self, idle_us: int, active_us: int, source: str, bounded: bool) -> None:
+    def __init__(self, idle_us: int, active_us: int, source: str) -> None:
         self._idle_us = idle_us
         self._active_us = active_us
         self._source = source
-        self._bounded = bounded
         self._rows = counters.counter(counters.FLOW_ROWS)
         self._fragments = counters.counter(counters.FRAGMENTS)
 
@@ -85,61 +89,28 @@ class _MergeFragmentsFn(beam.DoFn):
         self,
         element: tuple[int, list[Fragment]],
         pending=beam.DoFn.StateParam(PENDING),
-        next_fire=beam.DoFn.StateParam(NEXT_FIRE),
         close=beam.DoFn.TimerParam(CLOSE),
     ) -> None:
         _, fragments = element
         self._fragments.inc(len(fragments))
         pending.add(pickle.dumps(fragments, protocol=pickle.HIGHEST_PROTOCOL))
-        earliest = min(
-            min(f.last_us + self._idle_us, f.first_us + self._active_us) for f in fragments)
-        if self._bounded:
-            # Batch: the timer fires once, after all input, whatever its time; skipping the
-            # earliest-time bookkeeping saves two state-cache writes per element.
-            close.set(Timestamp(micros=earliest))
-            return
-        current = next_fire.read()
-        if current is None or earliest < current:
-            next_fire.write(earliest)
-            close.set(Timestamp(micros=earliest))
+        # The timer fires once, after all input, whatever its time: no earliest-time
+        # bookkeeping in state (it would cost two state-cache writes per element).
+        close.set(Timestamp(micros=min(
+            min(f.last_us + self._idle_us, f.first_us + self._active_us) for f in fragments)))
 
     @on_timer(CLOSE)
-    def close_flows(
-        self,
-        fire_at=beam.DoFn.TimestampParam,
-        pending=beam.DoFn.StateParam(PENDING),
-        next_fire=beam.DoFn.StateParam(NEXT_FIRE),
-        close=beam.DoFn.TimerParam(CLOSE),
-    ) -> Iterator[dict]:
-        now_us = None if self._bounded else fire_at.micros
+    def close_flows(self, pending=beam.DoFn.StateParam(PENDING)) -> Iterator[dict]:
         fragments: dict[tuple, list[Fragment]] = defaultdict(list)
-        continuations: dict[tuple, Continuation] = {}
         for blob in pending.read():
-            for item in pickle.loads(blob):
-                if isinstance(item, Continuation):
-                    continuations[item.key] = item
-                else:
-                    fragments[item.key].append(item)
+            for fragment in pickle.loads(blob):
+                fragments[fragment.key].append(fragment)
         pending.clear()
-        kept: list[Fragment | Continuation] = []
-        earliest: int | None = None
-        for key, key_fragments in fragments.items():
-            rows, rest, continuation, due = advance(
-                key_fragments, self._idle_us, self._active_us, now_us, continuations.get(key))
+        for key_fragments in fragments.values():
+            rows = advance(key_fragments, self._idle_us, self._active_us, None)[0]
             for row in rows:
                 yield to_flow_record(row, self._source)
             self._rows.inc(len(rows))
-            kept.extend(rest)
-            if continuation is not None:
-                kept.append(continuation)
-            if due is not None and (earliest is None or due < earliest):
-                earliest = due
-        if kept:
-            pending.add(pickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL))
-            next_fire.write(earliest)
-            close.set(Timestamp(micros=earliest))
-        else:
-            next_fire.clear()
 
 
 class BuildFlows(beam.PTransform):
@@ -170,7 +141,9 @@ class BuildFlows(beam.PTransform):
             fragment_batches
             | "ShardFragments" >> beam.ParDo(_ShardFragmentsFn(self._shards))
             .with_output_types(tuple[int, list])
-            | "MergeFragments" >> beam.ParDo(_MergeFragmentsFn(
-                self._idle_us, self._active_us, self._source, fragment_batches.is_bounded))
+            | "MergeFragments" >> beam.ParDo(
+                _MergeFragmentsFn(self._idle_us, self._active_us, self._source)
+                if fragment_batches.is_bounded
+                else StreamingMergeFn(self._idle_us, self._active_us, self._source))
             .with_output_types(FlowRecord)
         )

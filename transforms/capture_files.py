@@ -13,9 +13,8 @@ offset and the reason. Malformed packets are counted per reason in Beam metrics.
 from __future__ import annotations
 
 import logging
-import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import apache_beam as beam
@@ -23,84 +22,131 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.pvalue import TaggedOutput
 
-from flowbeam.capture.reader import CaptureDamagedError, CaptureFormatError, read_capture
+from flowbeam.capture.reader import (
+    CaptureDamagedError,
+    CaptureFormatError,
+    CaptureStats,
+    read_capture,
+)
 from flowbeam.flows.fragment import Fragment
 from flowbeam.packets.to_fragments import PacketsToFragments
 from transforms import counters
 from transforms.dead_letters import DEAD_LETTER_TAG, dead_letter
+from transforms.progress import PROGRESS
 
 LOG = logging.getLogger(__name__)
-PROGRESS_EVERY_S = 5.0
+# The decoder's reasons (flowbeam.packets.error_reasons) in words, for the log and the summary.
+REASON_WORDS = {
+    "short_link_header": "frame shorter than its link header",
+    "short_ip_header": "IP header cut short",
+    "bad_ip_version": "IP version neither 4 nor 6",
+    "bad_ip_header_length": "IPv4 header length under 20 bytes",
+    "bad_ip_total_length": "IP total length shorter than the IP header",
+    "bad_ipv6_extension_header": "malformed IPv6 extension header",
+    "not_ip": "not IP: ARP, LLDP, STP or another link protocol",
+    "unknown_linktype": "a link type flowbeam does not decode",
+    "timestamp_out_of_range": "timestamp after the year 9999",
+    "truncated_transport": "transport header cut by the snaplen",
+}
+# Reasons under which a packet is counted but still decoded (into a flow with ports 0).
+DECODED_REASONS = frozenset({"truncated_transport"})
 
 
-class _Progress:
-    """Logs a progress line every few seconds while a long file is decoded."""
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._started = self._last = time.monotonic()
-        self.packets = 0
-
-    def add(self, packets: int) -> None:
-        self.packets += packets
-        now = time.monotonic()
-        if now - self._last >= PROGRESS_EVERY_S:
-            self._last = now
-            rate = self.packets / max(now - self._started, 1e-9)
-            LOG.warning("flowbeam: %s: %d packets so far (%.0f packets/s)",
-                        self._path, self.packets, rate)
+def describe_skipped(malformed: Mapping[str, int]) -> list[str]:
+    """One capture's skipped packets in words: a line for those skipped ("skipped 7 packets:
+    7 not IP: ...") and one for those still counted, with ports 0 (cut by the snaplen)."""
+    lines = []
+    for template, decoded in (("skipped {}", False), ("{} counted with ports 0", True)):
+        reasons = sorted((reason, count) for reason, count in malformed.items()
+                         if count and (reason in DECODED_REASONS) == decoded)
+        if reasons:
+            total = sum(count for _, count in reasons)
+            packets = f"{total} packet{'s' if total != 1 else ''}"
+            lines.append(template.format(packets) + ": " + "; ".join(
+                f"{count} {REASON_WORDS.get(reason, reason)}" for reason, count in reasons))
+    return lines
 
 
 class _DecodeCaptureFileFn(beam.DoFn):
     """One capture file in, lists of fragments out (dead letters on ``DEAD_LETTER_TAG``)."""
 
-    def __init__(self, idle_timeout_us: int, active_timeout_us: int, byte_accounting: str) -> None:
+    def __init__(self, idle_timeout_us: int, active_timeout_us: int, byte_accounting: str,
+                 sensor: str) -> None:
         self._idle_us = idle_timeout_us
+        self._sensor = sensor
         self._active_us = active_timeout_us
         self._byte_accounting = byte_accounting
-        self._files = counters.counter(counters.FILES_READ)
-        self._failed = counters.counter(counters.FILES_FAILED)
+        self._captures = counters.counter(counters.FILES_READ)
         self._damaged = counters.counter(counters.FILES_DAMAGED)
+        self._not_captures = counters.counter(counters.FILES_FAILED)
+        self._unreadable = counters.counter(counters.FILES_UNREADABLE)
         self._packets = counters.counter(counters.PACKETS)
         self._bytes = counters.counter(counters.BYTES)
 
     def process(self, readable: fileio.ReadableFile) -> Iterator[Any]:
+        try:
+            yield from self._decode(readable)
+        finally:
+            PROGRESS.add(files=1)
+
+    def _decode(self, readable: fileio.ReadableFile) -> Iterator[Any]:
         path = readable.metadata.path
-        step = PacketsToFragments(self._idle_us, self._active_us, self._byte_accounting)
+        step = PacketsToFragments(self._idle_us, self._active_us, self._byte_accounting,
+                                  self._sensor)
+        stats = CaptureStats()
         self._reported_packets = self._reported_bytes = 0
-        progress = _Progress(path)
+        opened = False
         try:
             with readable.open(mime_type="application/octet-stream",
                                compression_type=CompressionTypes.AUTO) as stream:
-                for batch in read_capture(stream):
-                    progress.add(len(batch))
+                opened = True
+                for batch in read_capture(stream, stats=stats):
+                    PROGRESS.add(packets=len(batch))
                     yield from self._counted(step, step.add(batch))
         except CaptureFormatError as error:
-            self._failed.inc()
-            LOG.error("flowbeam: %s: %s", path, error.reason)
-            yield TaggedOutput(DEAD_LETTER_TAG,
-                               dead_letter("read_capture", error.reason, path, error.offset))
+            yield self._refused(self._not_captures, path, error.reason, error.offset)
             return
         except CaptureDamagedError as error:
             self._damaged.inc()
             LOG.error("flowbeam: %s: damaged at byte %d: %s", path, error.offset, error.reason)
             yield TaggedOutput(DEAD_LETTER_TAG,
                                dead_letter("read_capture", error.reason, path, error.offset))
+        except IsADirectoryError:
+            yield self._refused(self._unreadable, path, "is a directory, not a capture file "
+                                f"(to read the captures in it: {path.rstrip('/')}/*)")
+            return
         except (OSError, EOFError, zlib.error) as error:
-            # Unreadable path, permission denied, corrupt or truncated gzip stream: the
-            # packets read before the failure still become flows.
+            if not opened:  # missing, permission denied: nothing was read
+                yield self._refused(self._unreadable, path, f"cannot open file: {error}")
+                return
+            if stats.kind is None:
+                # Random bytes named .gz, or a compressed file corrupt within the first read
+                # (Beam decompresses 16 MB at a time): no capture header came out of it.
+                yield self._refused(self._not_captures, path,
+                                    f"no capture could be read from it: {error}", 0)
+                return
+            # A compressed stream corrupt after the capture header: the packets read before
+            # the failure still become flows.
             self._damaged.inc()
             reason = f"cannot read file: {error}"
             LOG.error("flowbeam: %s: %s", path, reason)
-            yield TaggedOutput(DEAD_LETTER_TAG,
-                               dead_letter("read_capture", reason, path, None))
-        self._files.inc()
+            yield TaggedOutput(DEAD_LETTER_TAG, dead_letter("read_capture", reason, path, None))
+        self._captures.inc()
         yield from self._counted(step, step.finish())
         for reason, count in step.malformed.items():
             counters.malformed_counter(reason).inc(count)
         for linktype in sorted(step.unknown_linktypes):
             LOG.warning("flowbeam: %s: link type %d is not supported; its packets were skipped",
                         path, linktype)
+        for line in describe_skipped(step.malformed):
+            LOG.warning("flowbeam: %s: %s", path, line)
+
+    @staticmethod
+    def _refused(counter: Any, path: str, reason: str, offset: int | None = None) -> TaggedOutput:
+        """A file none of whose packets could be read: counted, logged, one dead letter."""
+        counter.inc()
+        LOG.error("flowbeam: %s: %s", path, reason)
+        return TaggedOutput(DEAD_LETTER_TAG, dead_letter("read_capture", reason, path, offset))
 
     def _counted(self, step: PacketsToFragments,
                  fragments: list[Fragment]) -> Iterator[list[Fragment]]:
@@ -116,17 +162,20 @@ class DecodeCaptures(beam.PTransform):
     """File patterns in; a tagged result: ``fragments`` (lists of Fragment) and dead letters."""
 
     def __init__(self, idle_timeout_s: float, active_timeout_s: float,
-                 byte_accounting: str = "ip") -> None:
+                 byte_accounting: str = "ip", sensor: str = "") -> None:
         super().__init__()
         self._decode = _DecodeCaptureFileFn(
             round(idle_timeout_s * 1_000_000), round(active_timeout_s * 1_000_000),
-            byte_accounting)
+            byte_accounting, sensor)
 
     def expand(self, patterns: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
         return (
             patterns
             | "MatchFiles" >> fileio.MatchAll(
                 empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+            # A file matched by several patterns (a.pcap and *.pcap) is read once.
+            | "Paths" >> beam.Map(lambda metadata: metadata.path)
+            | "OncePerFile" >> beam.Distinct()
             | "ReadMatches" >> fileio.ReadMatches(skip_directories=True)
             | "Reshuffle" >> beam.Reshuffle()
             | "DecodeFiles" >> beam.ParDo(self._decode).with_outputs(

@@ -76,6 +76,20 @@ class _Section:
         self.idb = struct.Struct(order + "HHI").unpack_from
 
 
+_INT64_MAX = (1 << 63) - 1
+
+
+def _int64_times(ts_us: list[int]) -> np.ndarray:
+    """Timestamps as int64 µs. A corrupt resolution, offset or tick count can give a time no
+    int64 holds (found by benchmarks/fuzz_captures.py): it becomes the int64 maximum, which
+    the decoder counts as ``timestamp_out_of_range``, instead of failing the whole file."""
+    try:
+        return np.array(ts_us, np.int64)
+    except OverflowError:
+        return np.array([t if -_INT64_MAX <= t <= _INT64_MAX else _INT64_MAX for t in ts_us],
+                        np.int64)
+
+
 @dataclass
 class _Columns:
     """Per-record values collected by the pcapng block loop, turned into arrays per chunk."""
@@ -93,7 +107,7 @@ class _Columns:
             offsets=np.array(self.offsets, np.int64),
             caplen=np.array(self.caplen, np.int64),
             wirelen=np.array(self.wirelen, np.int64),
-            ts_us=np.array(self.ts_us, np.int64),
+            ts_us=_int64_times(self.ts_us),
             linktype=np.array(self.linktype, np.int32),
             file_offsets=np.array(self.file_offsets, np.int64),
         )

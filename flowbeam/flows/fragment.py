@@ -100,13 +100,26 @@ def merge(fragments: list[Fragment]) -> Fragment:
 
 
 def _merged_attributes(fragments: list[Fragment]) -> tuple[tuple[str, object], ...]:
-    """Each attribute's value from the earliest fragment that has it (ties as ``merge``)."""
+    """Each attribute's value from the earliest fragment that has it (ties as ``merge``),
+    but two: ``action`` is REJECT when any fragment was rejected (a flow denied one way was
+    not accepted), and ``flow_direction`` (said from the initiator's side) comes first from
+    the fragment that decided the initiator (the first pure SYN, as ``initiator``)."""
     if not any(f.attributes for f in fragments):
         return ()
     merged: dict[str, object] = {}
-    for f in sorted(fragments, key=_start_order):
+    ordered = sorted(fragments, key=_start_order)
+    syns = [f for f in fragments if f.syn_us != NO_TIME]
+    deciding = [min(syns, key=_syn_order)] if syns else []
+    for f in ordered:
         for name, value in f.attributes:
             merged.setdefault(name, value)
+    for f in deciding + ordered:
+        direction = dict(f.attributes).get("flow_direction")
+        if direction is not None:
+            merged["flow_direction"] = direction
+            break
+    if any(("action", "REJECT") in f.attributes for f in fragments):
+        merged["action"] = "REJECT"
     return tuple(sorted(merged.items()))
 
 

@@ -7,6 +7,7 @@ payload, the IP total length), never link-layer bytes, so pcap and VPC Flow Logs
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -61,9 +62,10 @@ FLOW_COLUMNS: tuple[Column, ...] = (
     Column("dst_packets", "INT64", True, "Packets sent by the responder in this row's interval."),
     Column("src_tcp_flags", "INT64", False,
            "OR of the TCP flags the initiator sent (FIN=1 SYN=2 RST=4 PSH=8 ACK=16 URG=32 "
-           "ECE=64 CWR=128); NULL when not TCP."),
+           "ECE=64 CWR=128); NULL when not TCP, or unknown (a VPC Flow Log without "
+           "tcp-flags)."),
     Column("dst_tcp_flags", "INT64", False,
-           "OR of the TCP flags the responder sent; NULL when not TCP."),
+           "OR of the TCP flags the responder sent; NULL as src_tcp_flags."),
     Column("vlan_id", "INT64", False, "Outermost 802.1Q VLAN id; NULL when untagged."),
     Column("status", "STRING", True,
            "Why the row was emitted: idle_timeout, active_timeout (the flow goes on in a later "
@@ -74,18 +76,35 @@ FLOW_COLUMNS: tuple[Column, ...] = (
            "Where the flow was observed: the capture agent's (or --sensor's) name, or the "
            "network interface of a VPC Flow Logs record. Part of the flow key: two sensors "
            "that see the same 5-tuple write two rows. NULL when not given."),
+    # VPC Flow Logs columns (NULL for other sources).
+    Column("action", "STRING", False,
+           "VPC Flow Logs: ACCEPT, or REJECT when a security group or network ACL rejected "
+           "the traffic in either direction."),
+    Column("account_id", "STRING", False, "VPC Flow Logs: the AWS account of the interface."),
+    Column("vpc_id", "STRING", False, "VPC Flow Logs: the VPC of the interface."),
+    Column("subnet_id", "STRING", False, "VPC Flow Logs: the subnet of the interface."),
+    Column("instance_id", "STRING", False,
+           "VPC Flow Logs: the instance of the interface (NULL for requester-managed ones)."),
+    Column("flow_direction", "STRING", False,
+           "VPC Flow Logs: ingress or egress, the way the initiator's traffic crossed the "
+           "interface."),
+    Column("src_subnet", "STRING", False,
+           "Subnet of src_addr (its subnet id, or CIDR when the id is unknown) from the "
+           "subnets given to the pipeline; NULL when in none."),
+    Column("dst_subnet", "STRING", False, "Subnet of dst_addr, as src_subnet."),
 )
 
 FLOW_COLUMN_NAMES: tuple[str, ...] = tuple(column.name for column in FLOW_COLUMNS)
 
 
-def arrow_schema() -> pa.Schema:
-    """The Parquet (Arrow) schema of flow rows, with the descriptions as field metadata."""
+def arrow_schema(columns: Sequence[Column] = FLOW_COLUMNS) -> pa.Schema:
+    """The Parquet (Arrow) schema of flow rows (or of another table's ``columns``), with the
+    descriptions as field metadata."""
     return pa.schema(
         [
             pa.field(c.name, c.arrow_type, nullable=not c.required,
                      metadata={"description": c.description})
-            for c in FLOW_COLUMNS
+            for c in columns
         ]
     )
 

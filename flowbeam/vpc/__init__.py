@@ -1,0 +1,1 @@
+"""AWS VPC Flow Logs: records, subscription envelopes, subnets, fragments and aggregates (pure)."""
