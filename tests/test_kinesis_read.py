@@ -25,12 +25,9 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from flowbeam.kinesis_shards import ShardCursor, ShardStart
 from tests.kinesis_servers import (
-    CREDENTIALS,
     REGION,
     FaultProxy,
     KinesisEndpoint,
-    kinesalite,
-    moto_kinesis,
     new_stream,
     put,
     wait_active,
@@ -40,25 +37,7 @@ from transforms.kinesis_client import KinesisConnection
 from transforms.kinesis_read import KinesisRecord, ReadFromKinesis, _DiscoverShards, _ReadShards
 from transforms.kinesis_restriction import ShardRestriction, ShardRestrictionTracker
 
-pytestmark = pytest.mark.emulator
-
-
-@pytest.fixture(autouse=True)
-def aws_credentials(monkeypatch):
-    for name, value in CREDENTIALS.items():
-        monkeypatch.setenv(name, value)
-
-
-@pytest.fixture(scope="module")
-def moto():
-    with moto_kinesis() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture(scope="module")
-def lite():
-    with kinesalite() as endpoint:
-        yield endpoint
+pytestmark = [pytest.mark.emulator, pytest.mark.usefixtures("aws_credentials")]
 
 
 def reader(endpoint: KinesisEndpoint, stream: str, idle_lag_s: float = 2.0) -> _ReadShards:

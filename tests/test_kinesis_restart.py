@@ -20,11 +20,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that
 
 from tests.kinesis_servers import (
-    CREDENTIALS,
     REGION,
     KinesisEndpoint,
-    kinesalite,
-    moto_kinesis,
     new_stream,
     put,
     wait_active,
@@ -40,25 +37,7 @@ from tests.test_kinesis_read import (
 )
 from transforms.kinesis_read import KinesisRecord, ReadFromKinesis
 
-pytestmark = pytest.mark.emulator
-
-
-@pytest.fixture(autouse=True)
-def aws_credentials(monkeypatch):
-    for name, value in CREDENTIALS.items():
-        monkeypatch.setenv(name, value)
-
-
-@pytest.fixture(scope="module")
-def moto():
-    with moto_kinesis() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture(scope="module")
-def lite():
-    with kinesalite() as endpoint:
-        yield endpoint
+pytestmark = [pytest.mark.emulator, pytest.mark.usefixtures("aws_credentials")]
 
 
 def test_a_runner_checkpoint_resumes_after_the_last_record_handed_on(moto):
