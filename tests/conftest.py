@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import boto3
 import pytest
 
 from flowbeam.synthetic import TrafficPlan, write_capture
 from tests.bigquery_emulator import EmulatorEndpoint, running_emulator
 from tests.kinesis_servers import CREDENTIALS, KinesisEndpoint, kinesalite, moto_kinesis
+from tests.local_servers import running_moto
+from tests.test_vpc_pipeline import CONTROL, ENVELOPE, HEADER, SUBNETS_CSV, doc_lines
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +51,30 @@ def lite() -> Iterator[KinesisEndpoint]:
     """kinesalite on 127.0.0.1 (splits and merges end correctly there), for one module."""
     with kinesalite() as endpoint:
         yield endpoint
+
+
+@pytest.fixture(scope="module")
+def ec2_endpoint() -> Iterator[tuple[str, Any]]:
+    """A moto server on 127.0.0.1 and its EC2 client (dummy credentials), for one module."""
+    with running_moto() as url:
+        yield url, boto3.client("ec2", endpoint_url=url, aws_access_key_id="testing",
+                                aws_secret_access_key="testing", region_name="us-east-1")
+
+
+@pytest.fixture
+def vpc_inputs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """An S3-style flow log (AWS's TCP flag sequence, a malformed line in the middle) and an
+    envelope file: the real DATA_MESSAGE, a CONTROL_MESSAGE, the DATA_MESSAGE again (a
+    redelivery), each its own gzip member as Firehose concatenates them."""
+    lines = doc_lines("3 vpc-abcdefab012345678")
+    assert len(lines) == 8
+    flow_log = tmp_path / "123456789010_vpcflowlogs_us-east-1_fl-1_20190826T1945Z_x.log.gz"
+    flow_log.write_bytes(gzip.compress(
+        "\n".join([HEADER, *lines[:4], "3 vpc-1 subnet-1 broken", *lines[4:]]).encode() + b"\n"))
+    # Firehose names its objects without .gz: found gzip'd by their content.
+    envelopes = tmp_path / "firehose-1-2016-06-19-10-04-46-x"
+    envelopes.write_bytes(b"".join(gzip.compress(text.encode()) for text in (
+        ENVELOPE, json.dumps(CONTROL), ENVELOPE)))
+    subnets = tmp_path / "subnets.csv"
+    subnets.write_text(SUBNETS_CSV)
+    return flow_log, envelopes, subnets

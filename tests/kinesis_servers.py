@@ -11,7 +11,6 @@ import http.client
 import itertools
 import json
 import shutil
-import sys
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -22,9 +21,8 @@ from typing import Any
 import boto3
 from botocore.exceptions import EndpointConnectionError
 
-from tests.local_servers import HOST, free_port, running_server, server_unavailable
+from tests.local_servers import HOST, free_port, running_moto, running_server, server_unavailable
 
-MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 NODE_DIR = Path(__file__).with_name("node")
 REGION = "us-east-1"
 # Fake credentials, in the environment like real ones: the reader finds them the boto3 way.
@@ -79,13 +77,8 @@ def _answers(endpoint: KinesisEndpoint) -> bool:
 
 @contextlib.contextmanager
 def moto_kinesis() -> Iterator[KinesisEndpoint]:
-    if not MOTO_SERVER.exists():
-        server_unavailable("moto_server", f"{MOTO_SERVER} is absent (pip install 'moto[server]')")
-    port = free_port()
-    endpoint = KinesisEndpoint(f"http://{HOST}:{port}")
-    with running_server([str(MOTO_SERVER), "-H", HOST, "-p", str(port)],
-                        lambda: _answers(endpoint), "moto_server"):
-        yield endpoint
+    with running_moto() as url:
+        yield KinesisEndpoint(url)
 
 
 @contextlib.contextmanager

@@ -7,9 +7,13 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
@@ -37,6 +41,30 @@ def server_unavailable(name: str, reason: str, log_tail: str = "") -> NoReturn:
     if os.environ.get(REQUIRE_SERVERS) == "1":
         pytest.fail(f"{message}\n({REQUIRE_SERVERS}=1: servers must start)", pytrace=False)
     pytest.skip(message)
+
+
+MOTO_SERVER = Path(sys.executable).with_name("moto_server")
+
+
+@contextlib.contextmanager
+def running_moto() -> Iterator[str]:
+    """A moto server (every AWS service moto has) on 127.0.0.1: its endpoint URL."""
+    if not MOTO_SERVER.exists():
+        server_unavailable("moto_server", f"{MOTO_SERVER} is absent (pip install 'moto[server]')")
+    url = f"http://{HOST}:{free_port()}"
+
+    def answers() -> bool:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+        except urllib.error.HTTPError:
+            return True  # an HTTP answer of any status: it is serving
+        except OSError:
+            return False
+        return True
+
+    with running_server([str(MOTO_SERVER), "-H", HOST, "-p", url.rsplit(":", 1)[1]], answers,
+                        "moto_server"):
+        yield url
 
 
 def free_port() -> int:

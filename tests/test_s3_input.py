@@ -3,42 +3,24 @@
 from __future__ import annotations
 
 import gzip
-import sys
-from pathlib import Path
 
 import boto3
 import pytest
-from botocore.exceptions import EndpointConnectionError
 
 from flowbeam.capture.writer import write_pcap
 from flowbeam.synthetic import generate_packets, plan_traffic
 from pipelines.pcap_flows import run
-from tests.local_servers import free_port, running_server, server_unavailable
+from tests.local_servers import running_moto
 from tests.test_pcap_pipeline import as_expected, read_errors, read_flows, truth
 
-MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing",
                "region_name": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    if not MOTO_SERVER.exists():
-        server_unavailable("moto_server", f"{MOTO_SERVER} is absent (pip install 'moto[server]')")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=url, **CREDENTIALS)
-
-    def answers() -> bool:
-        try:
-            client.list_buckets()
-        except EndpointConnectionError:
-            return False
-        return True
-
-    with running_server([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)], answers,
-                        "moto_server"):
-        yield url, client
+    with running_moto() as url:
+        yield url, boto3.client("s3", endpoint_url=url, **CREDENTIALS)
 
 
 def s3_flags(url: str) -> list[str]:

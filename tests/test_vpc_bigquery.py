@@ -17,7 +17,7 @@ from pipelines.vpc_flows import run
 from tests.test_pcap_pipeline import read_flows
 from tests.test_readme import sql_block
 from tests.test_vpc_envelopes import ENVELOPE
-from tests.test_vpc_pipeline import inputs, read_table  # noqa: F401 (a fixture)
+from tests.test_vpc_pipeline import read_table
 from tests.test_vpc_records import doc_lines
 from transforms.bigquery_config import STREAMING_INSERTS, BigQueryConfig, TableRef
 from transforms.bigquery_tables import cloud_client
@@ -35,8 +35,8 @@ def rows_of(client: bigquery.Client, sql: str) -> list[dict]:
 
 
 @pytest.mark.emulator
-def test_the_three_tables_in_bigquery(inputs, bigquery_emulator, tmp_path):  # noqa: F811
-    flow_log, envelopes, subnets = inputs
+def test_the_three_tables_in_bigquery(vpc_inputs, bigquery_emulator, tmp_path):
+    flow_log, envelopes, subnets = vpc_inputs
     project = bigquery_emulator.project
     client = client_for(bigquery_emulator)
     client.delete_dataset(DATASET, delete_contents=True, not_found_ok=True)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import apache_beam as beam
 import pyarrow.parquet as pq
-import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from flowbeam.vpc.schemas import DENIED_FLOWS, SUBNET_TRAFFIC, ExtraTable
@@ -45,25 +44,6 @@ def utc(seconds: int) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
-@pytest.fixture
-def inputs(tmp_path):
-    """An S3-style flow log (AWS's TCP flag sequence, a malformed line in the middle) and an
-    envelope file: the real DATA_MESSAGE, a CONTROL_MESSAGE, the DATA_MESSAGE again (a
-    redelivery), each its own gzip member as Firehose concatenates them."""
-    lines = doc_lines("3 vpc-abcdefab012345678")
-    assert len(lines) == 8
-    flow_log = tmp_path / "123456789010_vpcflowlogs_us-east-1_fl-1_20190826T1945Z_x.log.gz"
-    flow_log.write_bytes(gzip.compress(
-        "\n".join([HEADER, *lines[:4], "3 vpc-1 subnet-1 broken", *lines[4:]]).encode() + b"\n"))
-    # Firehose names its objects without .gz: found gzip'd by their content.
-    envelopes = tmp_path / "firehose-1-2016-06-19-10-04-46-x"
-    envelopes.write_bytes(b"".join(gzip.compress(text.encode()) for text in (
-        ENVELOPE, json.dumps(CONTROL), ENVELOPE)))
-    subnets = tmp_path / "subnets.csv"
-    subnets.write_text(SUBNETS_CSV)
-    return flow_log, envelopes, subnets
-
-
 def tcp_row(row: dict) -> tuple:
     return (row["src_addr"], row["src_port"], row["dst_addr"], row["dst_port"],
             row["src_packets"], row["src_bytes"], row["dst_packets"], row["dst_bytes"],
@@ -72,8 +52,8 @@ def tcp_row(row: dict) -> tuple:
             row["dst_subnet"])
 
 
-def test_files_to_flows_subnet_traffic_and_denials(inputs, tmp_path, capsys, caplog):
-    flow_log, envelopes, subnets = inputs
+def test_files_to_flows_subnet_traffic_and_denials(vpc_inputs, tmp_path, capsys, caplog):
+    flow_log, envelopes, subnets = vpc_inputs
     output = tmp_path / "out"
     output.mkdir()
     stale = output / "denied_flows-00001-of-00002.parquet"  # an earlier run's, two shards
@@ -256,8 +236,8 @@ def test_help_lists_the_vpc_options(capsys):
         assert flag in out
 
 
-def test_subnet_traffic_figures_are_also_beam_counters(inputs, tmp_path):
-    flow_log, envelopes, subnets = inputs
+def test_subnet_traffic_figures_are_also_beam_counters(vpc_inputs, tmp_path):
+    flow_log, envelopes, subnets = vpc_inputs
     output = tmp_path / "out"
     options = PipelineOptions(["--runner=FnApiRunner"])
     config = parse_config(PipelineOptions([

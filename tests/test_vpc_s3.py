@@ -8,13 +8,11 @@ import boto3
 from pipelines.vpc_flows import run
 from tests.test_pcap_pipeline import read_errors, read_flows, summary_of
 from tests.test_s3_input import CREDENTIALS, s3_flags
-from tests.test_vpc_pipeline import inputs  # noqa: F401 (a fixture)
-from tests.test_vpc_subnets import ec2_endpoint as moto_endpoint  # noqa: F401 (a fixture)
 
 
-def test_flow_logs_and_envelopes_from_s3(inputs, moto_endpoint, tmp_path, capsys):  # noqa: F811
-    flow_log, envelopes, _ = inputs
-    url, _ = moto_endpoint
+def test_flow_logs_and_envelopes_from_s3(vpc_inputs, ec2_endpoint, tmp_path, capsys):
+    flow_log, envelopes, _ = vpc_inputs
+    url, _ = ec2_endpoint
     s3 = boto3.client("s3", endpoint_url=url, **CREDENTIALS)
     s3.create_bucket(Bucket="logs")
     prefix = "AWSLogs/123456789010/vpcflowlogs/us-east-1/2019/08/26"

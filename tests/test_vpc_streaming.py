@@ -18,7 +18,6 @@ from flowbeam.vpc.fields import DEFAULT_FORMAT
 from flowbeam.vpc.subnets import Subnet, SubnetMatcher
 from pipelines.vpc_flows import build, parse_config
 from tests.kinesis_servers import CREDENTIALS
-from tests.test_vpc_subnets import ec2_endpoint as moto_endpoint  # noqa: F401 (a fixture)
 from tests.test_vpc_subnets import make_subnets
 from transforms.vpc_outputs import SubnetTraffic
 from transforms.vpc_read import ParseLogEvents
@@ -66,9 +65,9 @@ def test_redelivered_events_count_once_and_traffic_rows_follow_arrival():
         assert_that(rows | beam.Map(lambda r: r["id"]), two_different_ids, label="ids")
 
 
-def test_a_refresh_gives_the_current_subnets_and_a_failure_gives_nothing(moto_endpoint,  # noqa: F811
+def test_a_refresh_gives_the_current_subnets_and_a_failure_gives_nothing(ec2_endpoint,
                                                                           monkeypatch):
-    url, client = moto_endpoint
+    url, client = ec2_endpoint
     for name, value in CREDENTIALS.items():
         monkeypatch.setenv(name, value)
     ids, _ = make_subnets(client)

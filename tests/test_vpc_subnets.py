@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import sys
-from pathlib import Path
 
-import boto3
 import pytest
-from botocore.exceptions import EndpointConnectionError
 
 from flowbeam.vpc.schemas import SUBNET_TRAFFIC
 from flowbeam.vpc.subnets import (
@@ -20,12 +16,10 @@ from flowbeam.vpc.subnets import (
     load_subnets,
 )
 from pipelines.vpc_flows import run
-from tests.local_servers import free_port, running_server, server_unavailable
 from tests.test_pcap_pipeline import read_flows
-from tests.test_vpc_pipeline import inputs, read_table  # noqa: F401 (a fixture)
+from tests.test_vpc_pipeline import read_table
 from transforms.vpc_subnets import Ec2Subnets, describe_subnets
 
-MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing",
                "region_name": "us-east-1"}
 
@@ -83,26 +77,6 @@ def test_json_file_as_a_list_or_as_describe_subnets_output():
         load_subnets("s.json", "cidr\n10.0.0.0/8\n")
 
 
-@pytest.fixture(scope="module")
-def ec2_endpoint():
-    if not MOTO_SERVER.exists():
-        server_unavailable("moto_server", f"{MOTO_SERVER} is absent (pip install 'moto[server]')")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    client = boto3.client("ec2", endpoint_url=url, **CREDENTIALS)
-
-    def answers() -> bool:
-        try:
-            client.describe_regions()
-        except EndpointConnectionError:
-            return False
-        return True
-
-    with running_server([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)], answers,
-                        "moto_server"):
-        yield url, client
-
-
 def make_subnets(client) -> tuple[dict[str, str], str]:
     """A VPC with an IPv6 block and three named subnets, the "db" one also with an IPv6 /64;
     returns name -> subnet id, and that /64."""
@@ -139,7 +113,7 @@ def test_describe_subnets_from_ec2(ec2_endpoint, monkeypatch):
     assert matcher.match("10.20.2.16") is None
 
 
-def test_the_pipeline_takes_its_subnets_from_ec2(ec2_endpoint, inputs, monkeypatch,  # noqa: F811
+def test_the_pipeline_takes_its_subnets_from_ec2(ec2_endpoint, vpc_inputs, monkeypatch,
                                                   tmp_path, capsys):
     url, client = ec2_endpoint
     for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
@@ -149,7 +123,7 @@ def test_the_pipeline_takes_its_subnets_from_ec2(ec2_endpoint, inputs, monkeypat
         VpcId=vpc, CidrBlock="10.0.0.0/24",
         TagSpecifications=[{"ResourceType": "subnet",
                             "Tags": [{"Key": "Name", "Value": "dmz"}]}])["Subnet"]["SubnetId"]
-    flow_log, _, _ = inputs
+    flow_log, _, _ = vpc_inputs
     output = tmp_path / "out"
     assert run(["--input", str(flow_log), "--output", str(output), "--subnets_from_ec2",
                 "--ec2_endpoint", url, "--aws_region", "us-east-1"]) == 0
