@@ -45,6 +45,7 @@ from transforms.bigquery_config import (
 from transforms.bigquery_merge import INSERT_MODES, resolve_insert_mode
 from transforms.build_flows import DEFAULT_SHARDS
 from transforms.dead_letters import dead_letter
+from transforms.streaming_sink import DEFAULT_WINDOW_S as DEFAULT_OUTPUT_EVERY_S
 
 USAGE_ERROR = 2
 
@@ -144,6 +145,26 @@ class LocalSinkOptions(PipelineOptions):
             "--output", default=env_default("output"),
             help="Directory for flows-*.parquet and errors-*.jsonl (the local sink). Required "
                  "unless flows go to BigQuery (--output_table or --bq_dataset).")
+
+
+class StreamingSinkOptions(PipelineOptions):
+    """How often a streaming job's local sink starts new files."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: Any) -> None:
+        parser.add_argument(
+            "--output_every", type=float,
+            default=env_default("output_every", DEFAULT_OUTPUT_EVERY_S),
+            help="Streaming: the local sink writes the rows of every this many seconds to new "
+                 f"files (default {DEFAULT_OUTPUT_EVERY_S:g}).")
+
+
+def output_every_s(options: PipelineOptions) -> float:
+    """``--output_every``, validated."""
+    every = options.view_as(StreamingSinkOptions).output_every
+    if every <= 0:
+        raise OptionsError(f"--output_every must be positive, got {every:g}")
+    return every
 
 
 class BigQueryOptions(PipelineOptions):
@@ -317,13 +338,23 @@ def print_help(prog: str, description: str | None,
     parser.print_help()
 
 
+# The local streaming runner (a BundleBasedDirectRunner that can read Kinesis).
+STREAMING_RUNNER = "transforms.direct_streaming.StreamingDirectRunner"
+
+
 def default_runner(options: PipelineOptions) -> None:
     """The DirectRunner's in-process engine, without its Prism probe (a download), unless
-    ``--runner`` was given. Streaming takes the DirectRunner's streaming engine
-    (BundleBasedDirectRunner): the FnApiRunner cannot read Pub/Sub."""
+    ``--runner`` was given. Streaming takes the DirectRunner's streaming engine, in the
+    variant that can also read Kinesis (``transforms.direct_streaming``): the FnApiRunner
+    cannot read Pub/Sub, nor hand on a stream's records while it is still reading it."""
     standard = options.view_as(StandardOptions)
     if standard.runner is None:
-        standard.runner = "BundleBasedDirectRunner" if standard.streaming else "FnApiRunner"
+        standard.runner = STREAMING_RUNNER if standard.streaming else "FnApiRunner"
+
+
+def local_streaming(options: PipelineOptions) -> bool:
+    """Whether the job runs on the local streaming runner (after ``default_runner``)."""
+    return options.view_as(StandardOptions).runner == STREAMING_RUNNER
 
 
 def absolute_pattern(pattern: str) -> str:

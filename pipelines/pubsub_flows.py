@@ -34,10 +34,12 @@ from pipelines.options import (
     FlowOptions,
     LocalSinkOptions,
     OptionsError,
+    StreamingSinkOptions,
     bigquery_insert_mode,
     default_runner,
     env_default,
     flow_config,
+    output_every_s,
     print_help,
     resolve_bigquery_config,
     unknown_flags,
@@ -49,7 +51,6 @@ from transforms.build_flows import BuildFlows
 from transforms.dead_letters import CountDeadLettersFn
 from transforms.pubsub_batches import DecodePacketBatches
 from transforms.streaming_sink import (
-    DEFAULT_WINDOW_S,
     WriteDeadLettersEveryWindow,
     WriteFlowsEveryWindow,
 )
@@ -68,10 +69,6 @@ class PubsubFlowsOptions(PipelineOptions):
             "--subscription", default=env_default("subscription"),
             help="Pub/Sub subscription to the capture agents' topic, "
                  "projects/PROJECT/subscriptions/NAME.")
-        parser.add_argument(
-            "--output_every", type=float, default=env_default("output_every", DEFAULT_WINDOW_S),
-            help="The local sink writes the rows of every this many seconds (processing time) "
-                 f"to new files (default {DEFAULT_WINDOW_S}).")
 
 
 @dataclass(frozen=True)
@@ -94,13 +91,12 @@ def parse_config(options: PipelineOptions, to_bigquery: bool = False) -> PubsubF
     if not _SUBSCRIPTION.fullmatch(own.subscription):
         raise OptionsError(f"--subscription must be projects/PROJECT/subscriptions/NAME, "
                            f"got {own.subscription!r}")
-    if own.output_every <= 0:
-        raise OptionsError(f"--output_every must be positive, got {own.output_every}")
+    every = output_every_s(options)
     flows = flow_config(options, to_bigquery)
     if flows.sensor:
         raise OptionsError("--sensor is not an option of the streaming pipeline: every batch "
                            "names its sensor (flowbeam capture --sensor)")
-    return PubsubFlowsConfig(own.subscription, own.output_every, flows)
+    return PubsubFlowsConfig(own.subscription, every, flows)
 
 
 def build(pipeline: beam.Pipeline, config: PubsubFlowsConfig,
@@ -148,7 +144,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     if "-h" in argv_list or "--help" in argv_list:
         print_help("python -m pipelines.pubsub_flows", __doc__, [
             ("streaming pipeline", PubsubFlowsOptions), ("flows", FlowOptions),
-            ("local sink", LocalSinkOptions), ("BigQuery sink", BigQueryOptions)])
+            ("local sink", LocalSinkOptions),
+            ("streaming local sink", StreamingSinkOptions), ("BigQuery sink", BigQueryOptions)])
         return 0
     options = PipelineOptions(argv_list)
     options.view_as(StandardOptions).streaming = True

@@ -20,6 +20,7 @@ are never logged.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -44,6 +45,7 @@ from pipelines.options import (
     InputOptions,
     LocalSinkOptions,
     OptionsError,
+    StreamingSinkOptions,
     bigquery_insert_mode,
     check_inputs,
     default_runner,
@@ -52,6 +54,8 @@ from pipelines.options import (
     flow_config,
     input_patterns,
     invoked_as,
+    local_streaming,
+    output_every_s,
     print_help,
     resolve_bigquery_config,
     unknown_environment,
@@ -68,7 +72,6 @@ from transforms.dead_letters import CountDeadLettersFn
 from transforms.kinesis_read import ReadFromKinesis
 from transforms.local_sink import WriteDeadLetters, WriteFlowsToParquet, remove_earlier_outputs
 from transforms.streaming_sink import (
-    DEFAULT_WINDOW_S,
     WriteDeadLettersEveryWindow,
     WriteFlowsEveryWindow,
 )
@@ -166,6 +169,7 @@ class VpcFlowsConfig:
     ec2: Ec2Subnets | None
     log_denied: bool
     flows: FlowConfig
+    output_every_s: float  # streaming: the local sink's file period
 
     @property
     def streaming(self) -> bool:
@@ -205,7 +209,7 @@ def parse_config(options: PipelineOptions, to_bigquery: bool = False) -> VpcFlow
     ec2 = (Ec2Subnets(own.aws_region, own.ec2_endpoint, own.subnet_refresh_s)
            if own.subnets_from_ec2 else None)
     return VpcFlowsConfig(inputs, kinesis, log_format, own.subnets_file, ec2, own.log_denied,
-                          flows)
+                          flows, output_every_s(options))
 
 
 def read_records(pipeline: beam.Pipeline, config: VpcFlowsConfig,
@@ -260,7 +264,7 @@ def build(pipeline: beam.Pipeline, config: VpcFlowsConfig, subnets: Sequence[Sub
     traffic = records | "SubnetTraffic" >> SubnetTraffic(side)
     denied = records | "DeniedFlows" >> DeniedFlows(side, config.log_denied)
     input_dead_letters = read_dead_letters | "InputDeadLetters" >> beam.Flatten()
-    window_s = DEFAULT_WINDOW_S if streaming else None
+    window_s = config.output_every_s if streaming else None
     rejected = [
         traffic | "WriteSubnetTraffic" >> WriteExtraTable(SUBNET_TRAFFIC, settings.output,
                                                          bigquery, window_s),
@@ -276,8 +280,9 @@ def build(pipeline: beam.Pipeline, config: VpcFlowsConfig, subnets: Sequence[Sub
         | "CountDeadLetters" >> beam.ParDo(CountDeadLettersFn())
     )
     if settings.output and streaming:
-        _ = flows | "WriteFlows" >> WriteFlowsEveryWindow(settings.output)
-        _ = dead_letters | "WriteDeadLetters" >> WriteDeadLettersEveryWindow(settings.output)
+        _ = flows | "WriteFlows" >> WriteFlowsEveryWindow(settings.output, window_s)
+        _ = dead_letters | "WriteDeadLetters" >> WriteDeadLettersEveryWindow(settings.output,
+                                                                              window_s)
     elif settings.output:
         _ = flows | "WriteFlows" >> WriteFlowsToParquet(settings.output)
         _ = dead_letters | "WriteDeadLetters" >> WriteDeadLetters(settings.output)
@@ -320,7 +325,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         print_help(invoked_as("pipelines.vpc_flows", "vpc"), DESCRIPTION, [
             ("VPC pipeline: flow log files and envelope files", InputOptions),
             ("VPC pipeline", VpcFlowsOptions), ("flows", FlowOptions),
-            ("local sink", LocalSinkOptions), ("BigQuery sink", BigQueryOptions)])
+            ("local sink", LocalSinkOptions),
+            ("streaming local sink", StreamingSinkOptions), ("BigQuery sink", BigQueryOptions)])
         return 0
     options = PipelineOptions(argv_list)
     own = options.view_as(VpcFlowsOptions)
@@ -340,6 +346,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         except SubnetsError as error:
             flag = "--subnets_file" if config.subnets_file else "--subnets_from_ec2"
             raise OptionsError(f"{flag}: {error}") from None
+        if config.streaming and config.ec2 and local_streaming(options):
+            print("flowbeam: warning: the local runner cannot refresh subnets (a side input "
+                  "that changes): using EC2's subnets at start-up; Dataflow refreshes them "
+                  "every --subnet_refresh_s", file=sys.stderr)
+            config = dataclasses.replace(config, ec2=None)
         staging = None
         if bigquery is not None:
             prepare_table(bigquery)  # an incompatible table fails here, before any work

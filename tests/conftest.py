@@ -13,7 +13,7 @@ import pytest
 
 from flowbeam.synthetic import TrafficPlan, write_capture
 from tests.bigquery_emulator import EmulatorEndpoint, running_emulator
-from tests.kinesis_servers import CREDENTIALS, KinesisEndpoint, kinesalite, moto_kinesis
+from tests.kinesis_servers import CREDENTIALS, REGION, KinesisEndpoint, kinesalite, moto_kinesis
 from tests.local_servers import running_moto
 from tests.test_vpc_pipeline import CONTROL, ENVELOPE, HEADER, SUBNETS_CSV, doc_lines
 
@@ -78,3 +78,14 @@ def vpc_inputs(tmp_path: Path) -> tuple[Path, Path, Path]:
     subnets = tmp_path / "subnets.csv"
     subnets.write_text(SUBNETS_CSV)
     return flow_log, envelopes, subnets
+
+
+@pytest.fixture
+def aws(ec2_endpoint, monkeypatch):
+    """Kinesis and CloudWatch Logs clients of the moto server, credentials in the
+    environment (as the pipeline finds them)."""
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    url, _ = ec2_endpoint
+    return (url, boto3.client("kinesis", endpoint_url=url, region_name=REGION),
+            boto3.client("logs", endpoint_url=url, region_name=REGION))

@@ -8,30 +8,16 @@ import gzip
 import json
 import time
 
-import boto3
-import pytest
-
 from flowbeam.vpc.envelopes import DATA_MESSAGE, decode_record
 from flowbeam.vpc.schemas import DENIED_FLOWS
 from pipelines.vpc_flows import run
-from tests.kinesis_servers import CREDENTIALS, REGION
+from tests.kinesis_servers import REGION
 from tests.test_pcap_pipeline import read_errors, read_flows, summary_of
 from tests.test_vpc_envelopes import ENVELOPE
 from tests.test_vpc_pipeline import read_table
 
 LOG_GROUP, LOG_STREAM = "vpc-flow-logs", "eni-12345678-all"
 MESSAGES = [event["message"] for event in json.loads(ENVELOPE)["logEvents"]]
-
-
-@pytest.fixture
-def aws(ec2_endpoint, monkeypatch):
-    """Kinesis and CloudWatch Logs clients of the moto server, credentials in the
-    environment (as the pipeline finds them)."""
-    for name, value in CREDENTIALS.items():
-        monkeypatch.setenv(name, value)
-    url, _ = ec2_endpoint
-    return (url, boto3.client("kinesis", endpoint_url=url, region_name=REGION),
-            boto3.client("logs", endpoint_url=url, region_name=REGION))
 
 
 def subscribed_stream(kinesis, logs, name: str) -> None:

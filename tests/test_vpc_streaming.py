@@ -2,8 +2,9 @@
 (state per event, not a whole-input grouping), per-subnet rows per minute of arrival, and the
 subnet refresh step against a real EC2 server (moto, 127.0.0.1).
 
-The local streaming runner cannot run splittable DoFns (the Kinesis reader, PeriodicImpulse),
-so the stream is a TestStream here and the refresh DoFn runs on its own."""
+The stream is a TestStream here (the whole streaming pipeline on a real stream is
+test_vpc_streaming_kinesis), and the refresh DoFn runs on its own: the local runner cannot
+run PeriodicImpulse nor make a changing global-window side input ready."""
 
 from __future__ import annotations
 

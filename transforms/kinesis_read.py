@@ -276,14 +276,26 @@ class ReadFromKinesis(beam.PTransform):
         self._start_position = start_position
         self._resume_after = resume_after
         self._bounded = stop_at_latest
-        self._read = (_ReadShards if stop_at_latest else _FollowShards)(
-            stream, self._connection, poll_interval_s, max_read_s, idle_watermark_lag_s)
+        self._poll_interval_s = poll_interval_s
+        self._max_read_s = max_read_s
+        self._idle_watermark_lag_s = idle_watermark_lag_s
+
+    def discover_fn(self) -> _DiscoverShards:
+        """The DoFn turning the impulse into the restrictions to read."""
+        return _DiscoverShards(self._stream, self._connection, self._start_position,
+                               self._resume_after, self._bounded)
+
+    def read_fn(self, max_read_s: float | None = None) -> _ReadShards:
+        """The splittable DoFn reading restrictions (``max_read_s``: per call; a local
+        runner that polls asks for less than the default)."""
+        return (_ReadShards if self._bounded else _FollowShards)(
+            self._stream, self._connection, self._poll_interval_s,
+            self._max_read_s if max_read_s is None else max_read_s, self._idle_watermark_lag_s)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[KinesisRecord]:
         return (pbegin
                 | "Impulse" >> beam.Impulse()
-                | "ListShards" >> beam.ParDo(_DiscoverShards(
-                    self._stream, self._connection, self._start_position, self._resume_after,
-                    self._bounded))
+                | "ListShards" >> beam.ParDo(self.discover_fn())
                 | "SpreadShards" >> beam.Reshuffle()
-                | "ReadShards" >> beam.ParDo(self._read).with_output_types(KinesisRecord))
+                | "ReadShards" >> beam.ParDo(self.read_fn()).with_output_types(
+                    KinesisRecord))
