@@ -18,9 +18,8 @@ from collections.abc import Sequence
 
 from flowbeam.agent import command as capture_agent
 from flowbeam.synthetic import write_capture
-from pipelines import pcap_flows, pubsub_flows, vpc_flows
 
-PIPELINES = {"pcap": pcap_flows.run, "vpc": vpc_flows.run, "pubsub": pubsub_flows.run}
+PIPELINES = ("pcap", "vpc", "pubsub")
 # generate's default: the sample's 40,000 packets for 2,000 flows, kept for any --flows.
 PACKETS_PER_FLOW = 20
 # The sample has a few refused connections, as real traffic does (the README's queries find them).
@@ -49,6 +48,19 @@ def generate(argv: Sequence[str]) -> int:
     return 0
 
 
+def run_pipeline(command: str, argv: Sequence[str]) -> int:
+    """Run one of the pipelines. They are imported only here: Beam takes seconds to import,
+    and ``flowbeam capture`` (on a sensor) and ``flowbeam generate`` need none of it."""
+    if command == "pcap":
+        from pipelines import pcap_flows
+        return pcap_flows.run(argv)
+    if command == "vpc":
+        from pipelines import vpc_flows
+        return vpc_flows.run(argv)
+    from pipelines import pubsub_flows
+    return pubsub_flows.run(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = ", ".join([*PIPELINES, "generate", "capture"])
@@ -65,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"flowbeam: error: unknown command {command!r} (choose from {commands})",
               file=sys.stderr)
         sys.exit(2)
-    sys.exit(PIPELINES[command](rest))
+    sys.exit(run_pipeline(command, rest))
 
 
 if __name__ == "__main__":
