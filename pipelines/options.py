@@ -327,14 +327,19 @@ def invoked_as(module: str, command: str) -> str:
 
 
 def print_help(prog: str, description: str | None,
-               groups: Sequence[tuple[str, type[PipelineOptions]]]) -> None:
-    """flowbeam's own options (Beam's PipelineOptions --help lists none of them)."""
+               groups: Sequence[tuple[str, type[PipelineOptions]]],
+               omit: Sequence[str] = ()) -> None:
+    """flowbeam's own options (Beam's PipelineOptions --help lists none of them); ``omit``:
+    shared options this pipeline refuses."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Beam's own options (--runner, --project, --temp_location, ...) apply as usual.")
     for title, options_class in groups:
         options_class._add_argparse_args(parser.add_argument_group(title))
+    for action in parser._actions:
+        if set(action.option_strings) & set(omit):
+            action.help = argparse.SUPPRESS
     parser.print_help()
 
 

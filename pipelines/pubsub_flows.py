@@ -145,7 +145,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         print_help("python -m pipelines.pubsub_flows", __doc__, [
             ("streaming pipeline", PubsubFlowsOptions), ("flows", FlowOptions),
             ("local sink", LocalSinkOptions),
-            ("streaming local sink", StreamingSinkOptions), ("BigQuery sink", BigQueryOptions)])
+            ("streaming local sink", StreamingSinkOptions), ("BigQuery sink", BigQueryOptions)],
+            omit=["--sensor"])  # every batch names its sensor
         return 0
     options = PipelineOptions(argv_list)
     options.view_as(StandardOptions).streaming = True

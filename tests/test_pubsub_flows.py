@@ -394,3 +394,11 @@ SUBSCRIPTION = ["--subscription", "projects/flowbeam-test/subscriptions/batches"
 def test_usage_errors_exit_2_before_anything_runs(argv, message, tmp_path, capsys):
     assert run_pubsub_pipeline([*argv, "--output", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"flowbeam: error: {message}")
+
+
+def test_help_lists_the_options_it_takes_and_not_the_one_it_refuses(capsys):
+    assert run_pubsub_pipeline(["--help"]) == 0
+    shown = capsys.readouterr().out
+    for option in ("--subscription", "--output_every", "--idle_timeout", "--output_table"):
+        assert option in shown
+    assert "--sensor" not in shown  # each batch names its sensor
