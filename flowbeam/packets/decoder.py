@@ -1,10 +1,12 @@
 """Decode captured frames (``RecordBatch``) into the flow fields of IP packets (``PacketColumns``).
 
 ``PacketDecoder`` sorts each batch by link type and sends it down two paths that must agree
-packet for packet: the vectorised path (``vector_path``) for the common case, and the
-per-packet path (``slow_path``) for everything else, whose malformed packets are counted in
-``PacketDecoder.errors`` by reason (``error_reasons``). It then merges their results back into
-capture order, and tracks IP fragments across batches (``ip_fragments``).
+packet for packet: the vectorised path (``vector_path``, and its second stage
+``vector_headers`` for IPv4 options, IPv6 extension chains and fragments) for all but the
+truly odd packets, and the per-packet path (``slow_path``) for those, whose malformed packets
+are counted in ``PacketDecoder.errors`` by reason (``error_reasons``). It then merges their
+rows back into capture order and completes the IP fragments of both paths together, across
+batches (``fragment_rows``, ``ip_fragments``).
 
 Flows are keyed on the outermost IP header: tunnels (GRE, IP-in-IP, ...) are reported as their
 own IP protocol with ports 0 and never decapsulated. ICMP (protocol 1) and ICMPv6 (58) put
@@ -38,20 +40,15 @@ import dataclasses
 import numpy as np
 
 from flowbeam.capture.records import RecordBatch
-from flowbeam.packets.columns import (
-    COLUMN_DTYPES,
-    COLUMN_NAMES,
-    PacketColumns,
-    build_columns,
-    empty_columns,
-)
+from flowbeam.packets.columns import COLUMN_NAMES, PacketColumns, build_columns, empty_columns
 from flowbeam.packets.error_reasons import (
     NOT_IP,
     TIMESTAMP_OUT_OF_RANGE,
     TRUNCATED_TRANSPORT,
     UNKNOWN_LINKTYPE,
 )
-from flowbeam.packets.ip_fragments import FragmentTracker
+from flowbeam.packets.fragment_rows import Columns, complete_fragments, rows_to_columns
+from flowbeam.packets.ip_fragments import FRAGMENT_KEY_BYTES, FragmentPackets, FragmentTracker
 from flowbeam.packets.slow_path import Malformed, slow_ip, slow_link, slow_ports
 from flowbeam.packets.vector_path import VECTOR_LINKS, LinkFunction, vector_decode
 
@@ -89,7 +86,7 @@ class PacketDecoder:
         rows = self._fragments.drain()
         if not rows:
             return empty_columns()
-        return build_columns(**_rows_to_columns(rows))
+        return build_columns(**rows_to_columns(rows))
 
     def _decode(self, batch: RecordBatch, vectorised: bool) -> PacketColumns:
         """``vectorised=False`` sends every packet through the slow path (tests compare both)."""
@@ -98,8 +95,8 @@ class PacketDecoder:
             return empty_columns()
         data = np.ascontiguousarray(batch.data, dtype=np.uint8)
         linktype = np.asarray(batch.linktype)
+        parts = _Parts()
         slow_idx: list[np.ndarray] = []
-        fast_parts: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
         for value, idx in _group_by_linktype(linktype):
             link = VECTOR_LINKS.get(value)
             if link is None:
@@ -108,16 +105,21 @@ class PacketDecoder:
             elif not vectorised:
                 slow_idx.append(idx)
             else:
-                fast_parts.append(self._vector_group(batch, data, idx, link, slow_idx))
-        fast_pos, fast_cols = _concat_fast(fast_parts)
-        slow_pos, slow_rows = self._slow_decode(batch, data, _sorted_union(slow_idx))
-        return _merge(fast_pos, fast_cols, slow_pos, slow_rows)
+                self._vector_group(batch, data, idx, link, slow_idx, parts)
+        self._slow_decode(batch, data, _sorted_union(slow_idx), parts)
+        positions, cols = parts.merged()
+        if parts.fragments:
+            fragments = FragmentPackets(*(np.concatenate(field)
+                                          for field in zip(*parts.fragments, strict=True)))
+            cols = complete_fragments(cols, positions, fragments, self._fragments)
+        return build_columns(**cols)
 
     def _vector_group(
         self, batch: RecordBatch, data: np.ndarray, idx: np.ndarray, link: LinkFunction,
-        slow_idx: list[np.ndarray],
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Vectorised decode of one link type's packets; the rest is added to ``slow_idx``."""
+        slow_idx: list[np.ndarray], parts: _Parts,
+    ) -> None:
+        """Vectorised decode of one link type's packets into ``parts``; the rest is added to
+        ``slow_idx``."""
         found = link(data, batch.offsets[idx], batch.caplen[idx])
         ok = found.ok
         ip_offset, version, vlan = found.ip_offset, found.version, found.vlan
@@ -128,21 +130,30 @@ class PacketDecoder:
             slow_idx.append(idx[~ok & ~found.not_ip])
             keep = np.flatnonzero(ok)
             idx, ip_offset, version, vlan = idx[keep], ip_offset[keep], version[keep], vlan[keep]
-        pos, cols, rest = vector_decode(batch, data, idx, ip_offset, version, vlan)
-        if len(rest):
-            slow_idx.append(rest)
-        return pos, cols
+        pos, cols, others = vector_decode(batch, data, idx, ip_offset, version, vlan)
+        parts.add(pos, cols)
+        if others is not None:
+            parts.add(others.pos, others.cols, others.fragments)
+            if others.truncated:
+                self.errors[TRUNCATED_TRANSPORT] += others.truncated
+            if len(others.rest):
+                slow_idx.append(others.rest)
 
     def _slow_decode(
-        self, batch: RecordBatch, data: np.ndarray, idx: np.ndarray
-    ) -> tuple[list[int], list[tuple]]:
-        """Decode the packets at ``idx`` one by one; return (position of each row, rows).
+        self, batch: RecordBatch, data: np.ndarray, idx: np.ndarray, parts: _Parts
+    ) -> None:
+        """Decode the packets at ``idx`` one by one into ``parts``.
 
         Per-packet values are converted to Python ints up front and packets are read through
         memoryview slices (no copy): NumPy scalar indexing would cost more than the parsing.
         """
+        if not len(idx):
+            return
         positions: list[int] = []
         rows: list[tuple] = []
+        fragment_positions: list[int] = []
+        firsts: list[bool] = []
+        keys: list[bytes] = []
         buffer = memoryview(data)
         packets = zip(
             idx.tolist(), batch.offsets[idx].tolist(), batch.caplen[idx].tolist(),
@@ -152,18 +163,28 @@ class PacketDecoder:
         for i, start, caplen, linktype, ts_us, wirelen in packets:
             pkt = buffer[start : start + caplen]
             try:
-                emitted = self._slow_packet(pkt, linktype, ts_us, wirelen)
+                row, key, first = self._slow_packet(pkt, linktype, ts_us, wirelen)
             except Malformed as bad:
                 self.errors[bad.reason] += 1
                 continue
-            positions.extend([i] * len(emitted))
-            rows.extend(emitted)
-        return positions, rows
+            positions.append(i)
+            rows.append(row)
+            if key is not None:
+                fragment_positions.append(i)
+                firsts.append(first)
+                keys.append(key)
+        parts.add(np.asarray(positions, dtype=np.int64), rows_to_columns(rows),
+                  FragmentPackets(np.asarray(fragment_positions, dtype=np.int64),
+                                  np.asarray(firsts, dtype=bool),
+                                  np.frombuffer(b"".join(keys), dtype=FRAGMENT_KEY_BYTES)))
 
     def _slow_packet(
         self, pkt: memoryview, linktype: int, ts_us: int, wirelen: int
-    ) -> list[tuple]:
-        """The rows one packet yields: itself, plus any waiting fragments it completes."""
+    ) -> tuple[tuple, bytes | None, bool]:
+        """(the packet's row, its fragment key or None, whether it is a first fragment).
+
+        A non-first fragment's row has ports 0 until fragment tracking completes it.
+        """
         ip_at, expected_version, vlan = slow_link(pkt, linktype)
         ip = slow_ip(pkt, ip_at, expected_version)
         later_fragment = ip.fragment_key is not None and not ip.first_fragment
@@ -175,14 +196,38 @@ class PacketDecoder:
                 self.errors[TRUNCATED_TRANSPORT] += 1
         row = (ts_us, ip.version, ip.protocol, ip.src_hi, ip.src_lo, ip.dst_hi, ip.dst_lo,
                src_port, dst_port, vlan, ip.ip_bytes, wirelen, flags)
-        if later_fragment:
-            return self._fragments.later(ip.fragment_key, row)
-        if ip.fragment_key is not None:
-            return [row, *self._fragments.first(ip.fragment_key, ip.protocol, src_port, dst_port)]
-        return [row]
+        return row, ip.fragment_key, ip.first_fragment
 
 
-# --- Splitting a batch by link type, and merging the two paths back ------------------------------
+# --- Splitting a batch by link type, and merging the paths back --------------------------------
+
+class _Parts:
+    """The rows each decode path made of a batch, each part in capture order, and the
+    fragments among them."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, Columns]] = []
+        self.fragments: list[FragmentPackets] = []
+
+    def add(self, pos: np.ndarray, cols: Columns, fragments: FragmentPackets | None = None) -> None:
+        if len(pos):
+            self.parts.append((pos, cols))
+        if fragments is not None and len(fragments.pos):
+            self.fragments.append(fragments)
+
+    def merged(self) -> tuple[np.ndarray, Columns]:
+        """All rows in capture order (one row per packet): (packet positions, columns)."""
+        if not self.parts:
+            return np.empty(0, dtype=np.int64), rows_to_columns([])
+        if len(self.parts) == 1:
+            return self.parts[0]
+        pos = np.concatenate([p for p, _ in self.parts])
+        # Stable sort of a few sorted runs: a linear merge for NumPy's timsort.
+        order = np.argsort(pos, kind="stable")
+        cols = {name: np.concatenate([c[name] for _, c in self.parts])[order]
+                for name in COLUMN_NAMES}
+        return pos[order], cols
+
 
 def _group_by_linktype(linktype: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """(link type, positions) per link type present; one cheap check for single-type batches."""
@@ -198,52 +243,9 @@ def _sorted_union(parts: list[np.ndarray]) -> np.ndarray:
     return np.sort(np.concatenate(parts)) if len(parts) > 1 else parts[0]
 
 
-def _concat_fast(
-    parts: list[tuple[np.ndarray, dict[str, np.ndarray]]],
-) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
-    """Join the vectorised results of several link types, back in capture order."""
-    if not parts:
-        return np.empty(0, dtype=np.int64), None
-    if len(parts) == 1:
-        return parts[0]
-    pos = np.concatenate([p for p, _ in parts])
-    order = np.argsort(pos, kind="stable")
-    cols = {name: np.concatenate([c[name] for _, c in parts])[order] for name in COLUMN_NAMES}
-    return pos[order], cols
-
-
-def _merge(
-    fast_pos: np.ndarray, fast_cols: dict[str, np.ndarray] | None,
-    slow_pos: list[int], slow_rows: list[tuple],
-) -> PacketColumns:
-    """Interleave vectorised columns and slow-path rows by packet position (capture order)."""
-    if not slow_rows:
-        return empty_columns() if fast_cols is None else build_columns(**fast_cols)
-    slow_cols = _rows_to_columns(slow_rows)
-    if fast_cols is None or len(fast_pos) == 0:
-        return build_columns(**slow_cols)
-    positions = np.asarray(slow_pos, dtype=np.int64)
-    slots = np.searchsorted(fast_pos, positions, side="right") + np.arange(len(positions))
-    is_slow = np.zeros(len(fast_pos) + len(positions), dtype=bool)
-    is_slow[slots] = True
-    is_fast = ~is_slow
-    merged = {}
-    for name in COLUMN_NAMES:
-        column = np.empty(len(is_slow), dtype=COLUMN_DTYPES[name])
-        column[is_slow] = np.asarray(slow_cols[name], dtype=COLUMN_DTYPES[name])
-        column[is_fast] = fast_cols[name]
-        merged[name] = column
-    return PacketColumns(**merged)
-
-
 def _select_records(batch: RecordBatch, mask: np.ndarray) -> RecordBatch:
     """The records of ``batch`` where ``mask`` is true (over the same byte buffer)."""
     return dataclasses.replace(
         batch, offsets=batch.offsets[mask], caplen=batch.caplen[mask],
         wirelen=batch.wirelen[mask], ts_us=batch.ts_us[mask], linktype=batch.linktype[mask],
         file_offsets=batch.file_offsets[mask])
-
-
-def _rows_to_columns(rows: list[tuple]) -> dict[str, tuple]:
-    """Transpose slow-path row tuples into columns named as in ``PacketColumns``."""
-    return dict(zip(COLUMN_NAMES, zip(*rows, strict=True), strict=True))

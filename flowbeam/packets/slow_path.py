@@ -1,10 +1,12 @@
 """The per-packet decode path (``struct.unpack_from``): everything the vectorised path leaves.
 
-That is VLAN stacks, MPLS label stacks (as dpkt and Wireshark decode them), IPv4 options and
-fragments, IPv6 extension headers and fragments, transports cut by the snaplen, and every
-malformed packet, which raises ``Malformed`` with the error reason it is counted under. It
-applies the same rules as ``vector_path`` so the two paths agree packet for packet, but it runs
-at a few hundred thousand packets/s, so it must stay reserved for the unusual packet.
+That is VLAN stacks, MPLS label stacks (as dpkt and Wireshark decode them), IPv6 extension
+chains deeper than the vectorised walk, and every malformed packet, which raises ``Malformed``
+with the error reason it is counted under. It decodes every shape, and is the reference the
+vectorised path (``vector_path``, ``vector_headers``) is tested against packet for packet, but
+it runs at a few hundred thousand packets/s, so it must stay reserved for the unusual packet.
+Like the vectorised path, it only recognises fragments (``_IpHeader.fragment_key``): the decoder
+tracks them (``fragment_rows``) for both paths at once, in capture order.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from flowbeam.packets.header_constants import (
     VLAN_ETHERTYPES,
     transport_bytes_needed,
 )
+from flowbeam.packets.ip_fragments import fragment_key
 
 _RAW_VERSIONS = {LINKTYPE_RAW_12: 0, LINKTYPE_RAW_14: 0, LINKTYPE_RAW: 0,
                  LINKTYPE_IPV4: 4, LINKTYPE_IPV6: 6}
@@ -148,7 +151,7 @@ class _IpHeader:
     ip_bytes: int
     transport_at: int  # offset of the transport header in the packet
     payload_end: int  # end of the IP payload within the captured bytes
-    fragment_key: tuple | None = None  # set for fragments of a fragmented datagram
+    fragment_key: bytes | None = None  # set for fragments of a fragmented datagram
     first_fragment: bool = False
 
 
@@ -175,7 +178,7 @@ def _slow_ipv4(pkt: memoryview, at: int) -> _IpHeader:
     ip = _IpHeader(4, proto, 0, src, 0, dst, total, at + header, min(len(pkt), at + total))
     more, offset = frag & 0x2000, frag & 0x1FFF
     if more or offset:
-        ip.fragment_key = (4, src, dst, proto, ident)
+        ip.fragment_key = fragment_key(4, 0, src, 0, dst, proto, ident)
         ip.first_fragment = offset == 0
     return ip
 
@@ -207,7 +210,8 @@ def _walk_ipv6_extensions(pkt: memoryview, ip: _IpHeader) -> None:
             ip.protocol, at = nxt, at + 8
             offset, more = offset_flags >> 3, offset_flags & 1
             if more or offset:
-                ip.fragment_key = (6, ip.src_hi, ip.src_lo, ip.dst_hi, ip.dst_lo, ident)
+                ip.fragment_key = fragment_key(6, ip.src_hi, ip.src_lo, ip.dst_hi, ip.dst_lo, 0,
+                                               ident)
                 ip.first_fragment = offset == 0
             if offset:
                 break

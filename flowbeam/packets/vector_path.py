@@ -1,13 +1,16 @@
 """The vectorised decode path: the common case for a whole batch in a handful of NumPy operations.
 
-It covers Ethernet (untagged or one VLAN tag), Linux SLL/SLL2, NULL/LOOP and raw-IP link
-layers, IPv4 without options or fragmentation, IPv6 without extension headers, and any
-transport whose port bytes (TCP: up to the flags byte) were captured. Fixed-layout headers are
-read by gathering one fixed-size structured record per packet from a strided view of the batch
-buffer, so the cost per packet is a few memory copies, not Python bytecode. Frames whose whole
-link header names a non-IP payload, e.g. ARP, are recognised here as ``not_ip`` (the decoder
-counts and drops them); every other packet it cannot decode is handed back for the per-packet
-path (``slow_path``), which must agree with this one packet for packet.
+It covers Ethernet (untagged, one VLAN tag or two), Linux SLL/SLL2, NULL/LOOP and raw-IP link
+layers. Plain IP headers (IPv4 without options or fragmentation, IPv6 without extension
+headers, transport captured up to what we read) are decoded here in one gather; the other IP
+shapes (IPv4 options and fragments, IPv6 extension chains and fragments, cut transports) go to
+its second stage, ``vector_headers``. Fixed-layout headers are read by gathering one
+fixed-size structured record per packet from a strided view of the batch buffer
+(``vector_gather``), so the cost per packet is a few memory copies, not Python bytecode. Frames
+whose whole link header names a non-IP payload, e.g. ARP, are recognised here as ``not_ip``
+(the decoder counts and drops them); every other packet neither stage can decode (deeper tag
+stacks, MPLS, damage) is handed back for the per-packet path (``slow_path``), which must agree
+with this one packet for packet.
 """
 
 from __future__ import annotations
@@ -18,16 +21,8 @@ from typing import NamedTuple
 import numpy as np
 
 from flowbeam.capture.records import RecordBatch
-from flowbeam.flows.protocols import (
-    ICMP_COUNTERPARTS,
-    PORT_PROTOCOLS,
-    PROTO_ICMP,
-    PROTO_ICMPV6,
-    PROTO_TCP,
-)
 from flowbeam.packets.header_constants import (
     ETHERTYPE_VERSION,
-    IPV6_EXTENSION_HEADERS,
     LINKTYPE_ETHERNET,
     LINKTYPE_IPV4,
     LINKTYPE_IPV6,
@@ -41,8 +36,10 @@ from flowbeam.packets.header_constants import (
     MPLS_ETHERTYPES,
     NULL_FAMILY_VERSION,
     VLAN_ETHERTYPES,
-    transport_bytes_needed,
 )
+from flowbeam.packets.vector_gather import gather_records, read_only, take_records
+from flowbeam.packets.vector_headers import IS_IPV6_EXTENSION, HeaderResult, decode_headers
+from flowbeam.packets.vector_transport import TRANSPORT_BYTES, transport_columns
 
 # --- Lookup tables for the vectorised path -------------------------------------------------------
 
@@ -59,39 +56,16 @@ def _ethertype_set_table(ethertypes: frozenset[int]) -> np.ndarray:
     return table
 
 
-def _bytes_needed_table() -> np.ndarray:
-    return np.array([transport_bytes_needed(p)[1] for p in range(256)], dtype=np.int64)
-
-
-def _icmp_pair_table() -> np.ndarray:
-    """[is_icmpv6, type] -> paired type, or -1 when the code is used instead."""
-    table = np.full((2, 256), -1, dtype=np.int32)
-    for row, proto in enumerate((PROTO_ICMP, PROTO_ICMPV6)):
-        for mtype, paired in ICMP_COUNTERPARTS[proto].items():
-            table[row, mtype] = paired
-    return table
-
-
-def _read_only(table: np.ndarray) -> np.ndarray:
-    """Module-level tables are shared by every decoder: make accidental writes fail loudly."""
-    table.flags.writeable = False
-    return table
-
-
-_ETHER_VERSION = _read_only(_ethertype_version_table())
-_IS_VLAN = _read_only(_ethertype_set_table(VLAN_ETHERTYPES))
+_ETHER_VERSION = read_only(_ethertype_version_table())
+_IS_VLAN = read_only(_ethertype_set_table(VLAN_ETHERTYPES))
 # Ethertypes the slow path walks through (tags, label stacks): never "not IP" at first sight.
-_IS_SHIM = _read_only(_ethertype_set_table(VLAN_ETHERTYPES | MPLS_ETHERTYPES))
-_BYTES_NEEDED = _read_only(_bytes_needed_table())
-_HAS_PORTS = _read_only(np.isin(np.arange(256), list(PORT_PROTOCOLS)))
-_IS_IPV6_EXT = _read_only(np.isin(np.arange(256), list(IPV6_EXTENSION_HEADERS)))
-_ICMP_PAIR = _read_only(_icmp_pair_table())
+_IS_SHIM = read_only(_ethertype_set_table(VLAN_ETHERTYPES | MPLS_ETHERTYPES))
 
 # Fixed-layout records gathered per packet. Fields may overlap: one record read serves both
 # readings (e.g. IPv4 and IPv6 at the same start, little- and big-endian families).
 _ETHERNET_RECORD = np.dtype(
-    {"names": ["type", "tci", "inner"], "formats": [">u2", ">u2", ">u2"],
-     "offsets": [12, 14, 16], "itemsize": 18}
+    {"names": ["type", "tci", "inner", "innermost"], "formats": [">u2", ">u2", ">u2", ">u2"],
+     "offsets": [12, 14, 16, 20], "itemsize": 22}
 )
 _SLL_RECORD = np.dtype({"names": ["type"], "formats": [">u2"], "offsets": [14], "itemsize": 16})
 _SLL2_RECORD = np.dtype({"names": ["type"], "formats": [">u2"], "offsets": [0], "itemsize": 20})
@@ -101,55 +75,18 @@ _NULL_RECORD = np.dtype(
 # IPv4 (20-byte header, transport at 20) and IPv6 (40-byte header, transport at 40) overlaid.
 _IP_RECORD = np.dtype(
     {
-        "names": ["vihl", "len4", "frag4", "proto4", "src4", "dst4", "sport4", "dport4", "flags4",
-                  "plen6", "next6", "src6hi", "src6lo", "dst6hi", "dst6lo", "sport6", "dport6",
-                  "flags6"],
-        "formats": ["u1", ">u2", ">u2", "u1", ">u4", ">u4", ">u2", ">u2", "u1",
-                    ">u2", "u1", ">u8", ">u8", ">u8", ">u8", ">u2", ">u2", "u1"],
-        "offsets": [0, 2, 6, 9, 12, 16, 20, 22, 33,
-                    4, 6, 8, 16, 24, 32, 40, 42, 53],
+        "names": ["vihl", "len4", "ident4", "frag4", "proto4", "src4", "dst4", "sport4", "dport4",
+                  "flags4", "plen6", "next6", "src6hi", "src6lo", "dst6hi", "dst6lo", "sport6",
+                  "dport6", "flags6"],
+        "formats": ["u1", ">u2", ">u2", ">u2", "u1", ">u4", ">u4", ">u2", ">u2",
+                    "u1", ">u2", "u1", ">u8", ">u8", ">u8", ">u8", ">u2",
+                    ">u2", "u1"],
+        "offsets": [0, 2, 4, 6, 9, 12, 16, 20, 22,
+                    33, 4, 6, 8, 16, 24, 32, 40,
+                    42, 53],
         "itemsize": 54,
     }
 )
-
-
-def _gather_records(data: np.ndarray, starts: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """One ``dtype`` record per start position, copied from ``data`` (contiguous uint8).
-
-    A strided view with a one-byte stride exposes a record at every byte of the buffer, so a
-    single fancy index copies all of them. The view is of opaque ``V<width>`` items and only
-    the gathered copy is reinterpreted as ``dtype``: NumPy copies void items with a plain
-    memory copy (~12 ns per 54-byte record here) but structured items field by field (~60 ns).
-    Records that would run past the end of the buffer (the last packets of a batch) are read
-    from a small zero-padded copy of the tail instead; the bytes past a packet's caplen are
-    garbage either way and the callers mask them out.
-    """
-    width = dtype.itemsize
-    limit = len(data) - width  # last start whose record lies wholly inside the buffer
-    if len(starts) == 0:
-        return np.empty(0, dtype=dtype)
-    if limit >= 0 and int(starts.max()) <= limit:
-        return _record_view(data, width, limit + 1)[starts].view(dtype)
-    out = np.empty(len(starts), dtype=_void(dtype))
-    over = starts > limit
-    inside = ~over
-    if limit >= 0 and inside.any():
-        out[inside] = _record_view(data, width, limit + 1)[starts[inside]]
-    tail_start = int(starts[over].min())
-    tail = np.zeros(len(data) - tail_start + width, dtype=np.uint8)
-    tail[: len(data) - tail_start] = data[tail_start:]
-    out[over] = _record_view(tail, width, len(tail) - width + 1)[starts[over] - tail_start]
-    return out.view(dtype)
-
-
-def _record_view(data: np.ndarray, width: int, count: int) -> np.ndarray:
-    """``count`` overlapping ``width``-byte items, one starting at each byte of ``data``."""
-    return np.ndarray(shape=(count,), dtype=np.dtype((np.void, width)), buffer=data, strides=(1,))
-
-
-def _void(dtype: np.dtype) -> np.dtype:
-    """Opaque bytes of the same size as ``dtype``: NumPy moves these with a plain copy."""
-    return np.dtype((np.void, dtype.itemsize))
 
 
 # --- Vectorised link layers ------------------------------------------------------------------
@@ -169,21 +106,25 @@ LinkFunction = Callable[[np.ndarray, np.ndarray, np.ndarray], _LinkResult]
 
 
 def _link_ethernet(data: np.ndarray, off: np.ndarray, cap: np.ndarray) -> _LinkResult:
-    """Untagged or single-tagged Ethernet; deeper tag stacks take the slow path."""
-    rec = _gather_records(data, off, _ETHERNET_RECORD)
+    """Untagged, single-tagged or double-tagged (QinQ) Ethernet; deeper stacks take the slow
+    path, and so do double-tagged frames that are not IP (it counts them)."""
+    rec = gather_records(data, off, _ETHERNET_RECORD)
     outer = rec["type"]
     version = _ETHER_VERSION[outer]
     tagged = _IS_VLAN[outer]
     inner_version = _ETHER_VERSION[rec["inner"]]
-    ok = ((version != 0) & (cap >= 14)) | (tagged & (inner_version != 0) & (cap >= 18))
+    double = tagged & _IS_VLAN[rec["inner"]]
+    innermost_version = _ETHER_VERSION[rec["innermost"]]
+    ok = (((version != 0) & (cap >= 14)) | (tagged & (inner_version != 0) & (cap >= 18))
+          | (double & (innermost_version != 0) & (cap >= 22)))
     not_ip = ((version == 0) & ~_IS_SHIM[outer] & (cap >= 14)) | (
         tagged & (inner_version == 0) & ~_IS_SHIM[rec["inner"]] & (cap >= 18)
     )
     return _LinkResult(
         ok=ok,
         not_ip=not_ip,
-        ip_offset=np.where(tagged, 18, 14),
-        version=np.where(tagged, inner_version, version),
+        ip_offset=np.where(double, 22, np.where(tagged, 18, 14)),
+        version=np.where(double, innermost_version, np.where(tagged, inner_version, version)),
         vlan=np.where(tagged, (rec["tci"] & 0x0FFF).astype(np.int32), np.int32(-1)),
     )
 
@@ -200,7 +141,7 @@ def _link_fixed_ethertype(
     data: np.ndarray, off: np.ndarray, cap: np.ndarray, record: np.dtype, header: int
 ) -> _LinkResult:
     """A fixed-size header with an ethertype field (SLL, SLL2); VLAN tags take the slow path."""
-    ethertype = _gather_records(data, off, record)["type"]
+    ethertype = gather_records(data, off, record)["type"]
     version = _ETHER_VERSION[ethertype]
     whole = cap >= header
     return _LinkResult(
@@ -214,14 +155,14 @@ def _link_fixed_ethertype(
 
 def _link_null(data: np.ndarray, off: np.ndarray, cap: np.ndarray) -> _LinkResult:
     """BSD loopback: the family in the capturing host's byte order, so try both."""
-    rec = _gather_records(data, off, _NULL_RECORD)
+    rec = gather_records(data, off, _NULL_RECORD)
     le_version = _family_version(rec["le"])
     version = np.where(le_version != 0, le_version, _family_version(rec["be"]))
     return _link_family(version, cap)
 
 
 def _link_loop(data: np.ndarray, off: np.ndarray, cap: np.ndarray) -> _LinkResult:
-    return _link_family(_family_version(_gather_records(data, off, _NULL_RECORD)["be"]), cap)
+    return _link_family(_family_version(gather_records(data, off, _NULL_RECORD)["be"]), cap)
 
 
 def _family_version(family: np.ndarray) -> np.ndarray:
@@ -277,14 +218,20 @@ VECTOR_LINKS = {
 def vector_decode(
     batch: RecordBatch, data: np.ndarray, idx: np.ndarray, ip_offset: np.ndarray,
     version: np.ndarray, vlan: np.ndarray,
-) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
-    """Decode the common-case packets among ``idx``: (their positions, columns, the others)."""
-    rec = _gather_records(data, batch.offsets[idx] + ip_offset, _IP_RECORD)
-    is4, proto, ip_bytes, is_fast = _classify_ip(rec, batch.caplen[idx] - ip_offset, version)
+) -> tuple[np.ndarray, dict[str, np.ndarray], HeaderResult | None]:
+    """Decode the packets at ``idx``: (positions and columns of the plain ones, what the second
+    stage made of the others, or None when all were plain)."""
+    start = batch.offsets[idx] + ip_offset
+    captured = batch.caplen[idx] - ip_offset
+    rec = gather_records(data, start, _IP_RECORD)
+    is4, proto, ip_bytes, is_fast = _classify_ip(rec, captured, version)
     fast = np.flatnonzero(is_fast)
+    others = None
     if len(fast) < len(idx):
-        # Compress as opaque bytes: indexing a structured array copies field by field (slow).
-        rec = rec.view(_void(rec.dtype))[fast].view(rec.dtype)
+        rest = np.flatnonzero(~is_fast)
+        others = decode_headers(batch, data, idx[rest], start[rest], take_records(rec, rest),
+                                captured[rest], version[rest], vlan[rest])
+        rec = take_records(rec, fast)
         proto, ip_bytes, vlan, is4 = proto[fast], ip_bytes[fast], vlan[fast], is4[fast]
     pos = idx[fast]
     cols = {
@@ -299,8 +246,10 @@ def vector_decode(
         "ip_bytes": ip_bytes.astype(np.int64),
         "frame_bytes": batch.wirelen[pos].astype(np.int64),
     }
-    cols.update(_vector_ports(rec, is4, proto))
-    return pos, cols, idx[~is_fast]
+    cols.update(transport_columns(np.where(is4, rec["sport4"], rec["sport6"]),
+                                  np.where(is4, rec["dport4"], rec["dport6"]),
+                                  np.where(is4, rec["flags4"], rec["flags6"]), proto))
+    return pos, cols, others
 
 
 def _classify_ip(
@@ -310,8 +259,8 @@ def _classify_ip(
 
     A packet is decodable here when its IP header is plain (IPv4 IHL 5, not a fragment, total
     length at least 20; IPv6 with a transport right after the fixed header) and the transport
-    bytes we read lie within both the captured bytes and the IP payload. Everything else is left
-    to the slow path, which applies the same rules, so the two paths agree on every packet.
+    bytes we read lie within both the captured bytes and the IP payload. Everything else goes
+    to the second stage (``vector_headers``), then the slow path, which apply the same rules.
     """
     vihl = rec["vihl"]
     is4 = (vihl == 0x45) & (version != 6)
@@ -320,25 +269,6 @@ def _classify_ip(
     ip_bytes = np.where(is4, rec["len4"], rec["plen6"].astype(np.int64) + 40)
     available = np.minimum(captured, ip_bytes) - np.where(is4, 20, 40)
     plain = (is4 & ((rec["frag4"] & 0x3FFF) == 0) & (rec["len4"] >= 20)) | (
-        is6 & ~_IS_IPV6_EXT[rec["next6"]]
+        is6 & ~IS_IPV6_EXTENSION[rec["next6"]]
     )
-    return is4, proto, ip_bytes, plain & (available >= _BYTES_NEEDED[proto])
-
-
-def _vector_ports(rec: np.ndarray, is4: np.ndarray, proto: np.ndarray) -> dict[str, np.ndarray]:
-    """Port and flag columns; ICMP/ICMPv6 type and code mapped as Community ID does."""
-    raw_src = np.where(is4, rec["sport4"], rec["sport6"]).astype(np.int32)
-    raw_dst = np.where(is4, rec["dport4"], rec["dport6"]).astype(np.int32)
-    has_ports = _HAS_PORTS[proto]
-    src_port = np.where(has_ports, raw_src, 0).astype(np.int32)
-    dst_port = np.where(has_ports, raw_dst, 0).astype(np.int32)
-    is_tcp = proto == PROTO_TCP
-    tcp_flags = np.where(is_tcp, np.where(is4, rec["flags4"], rec["flags6"]), 0).astype(np.uint8)
-    icmp = np.flatnonzero((proto == PROTO_ICMP) | (proto == PROTO_ICMPV6))
-    if len(icmp):
-        mtype = raw_src[icmp] >> 8
-        code = raw_src[icmp] & 0xFF
-        paired = _ICMP_PAIR[(proto[icmp] == PROTO_ICMPV6).astype(np.intp), mtype]
-        src_port[icmp] = mtype
-        dst_port[icmp] = np.where(paired >= 0, paired, code)
-    return {"src_port": src_port, "dst_port": dst_port, "tcp_flags": tcp_flags}
+    return is4, proto, ip_bytes, plain & (available >= TRANSPORT_BYTES[proto])
