@@ -14,10 +14,11 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipelines.options import (
     USAGE_ERROR,
@@ -30,6 +31,7 @@ from pipelines.options import (
     bigquery_insert_mode,
     check_inputs,
     default_runner,
+    env_default,
     flow_config,
     input_patterns,
     invoked_as,
@@ -45,6 +47,7 @@ from transforms.bigquery_tables import prepare_table
 from transforms.bigquery_write import WriteDeadLettersToBigQuery, WriteFlowsToBigQuery
 from transforms.build_flows import BuildFlows
 from transforms.capture_files import DecodeCaptures
+from transforms.capture_ranges import DEFAULT_SPLIT_MB
 from transforms.dead_letters import CountDeadLettersFn
 from transforms.local_sink import WriteDeadLetters, WriteFlowsToParquet, remove_earlier_outputs
 from transforms.progress import PROGRESS
@@ -59,12 +62,45 @@ FLOWBEAM_<NAME> (FLOWBEAM_INPUT: several patterns separated by commas); the comm
 Exit status: 0 when a capture was read, 1 when none could be, 2 for a usage error."""
 
 
+class CaptureSplitOptions(PipelineOptions):
+    """How big captures are spread over workers (``transforms.capture_ranges``)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: Any) -> None:
+        parser.add_argument(
+            "--split_mb", type=float, default=env_default("split_mb"),
+            help="Decode an uncompressed capture bigger than this many MB as byte ranges of "
+                 "about this size, on several workers (0: read every file whole). Default: "
+                 f"{DEFAULT_SPLIT_MB:g} on Dataflow and other distributed runners; 0 on the "
+                 "local runner, whose one process would only do more work. Rows equal a whole "
+                 "read's, except that a flow crossing a range boundary is cut as one crossing "
+                 "two capture files would be (active timeout, a port reused after FIN).")
+
+
+# Runners that run the pipeline in this one process: splitting a capture only adds work there.
+LOCAL_RUNNERS = frozenset({"directrunner", "fnapirunner", "bundlebaseddirectrunner",
+                           "switchingdirectrunner", "prismrunner"})
+
+
+def split_mb_of(options: PipelineOptions) -> float:
+    """``--split_mb``, validated, or its default for the runner (see the option's help)."""
+    split_mb = options.view_as(CaptureSplitOptions).split_mb
+    if split_mb is None:
+        runner = (options.view_as(StandardOptions).runner or "DirectRunner").lower()
+        local = runner in LOCAL_RUNNERS or f"{runner}runner" in LOCAL_RUNNERS
+        return 0.0 if local else DEFAULT_SPLIT_MB
+    if split_mb < 0:
+        raise OptionsError(f"--split_mb must be 0 (no splits) or positive, got {split_mb:g}")
+    return split_mb
+
+
 @dataclass(frozen=True)
 class PcapFlowsConfig:
     """The validated options the pipeline is built from."""
 
     inputs: tuple[str, ...]
     flows: FlowConfig
+    split_mb: float = 0.0  # whole files
 
 
 def parse_config(options: PipelineOptions, to_bigquery: bool = False) -> PcapFlowsConfig:
@@ -75,7 +111,7 @@ def parse_config(options: PipelineOptions, to_bigquery: bool = False) -> PcapFlo
     inputs = input_patterns(options)
     if not inputs:
         raise OptionsError("--input is required (a capture file, glob, gs:// or s3:// path)")
-    return PcapFlowsConfig(inputs, flow_config(options, to_bigquery))
+    return PcapFlowsConfig(inputs, flow_config(options, to_bigquery), split_mb_of(options))
 
 
 def build(pipeline: beam.Pipeline, config: PcapFlowsConfig,
@@ -97,13 +133,13 @@ def build(pipeline: beam.Pipeline, config: PcapFlowsConfig,
         | "Patterns" >> beam.Create(list(config.inputs))
         | "DecodeCaptures" >> DecodeCaptures(
             settings.idle_timeout_s, settings.active_timeout_s, settings.byte_accounting,
-            settings.sensor)
+            settings.sensor, config.split_mb)
     )
-    flows = decoded.fragments | "BuildFlows" >> BuildFlows(
+    flows = decoded["fragments"] | "BuildFlows" >> BuildFlows(
         settings.idle_timeout_s, settings.active_timeout_s, source="pcap",
         shards=settings.flow_shards)
     input_dead_letters = (
-        (decoded.dead_letters,
+        (decoded["dead_letters"],
          pipeline | "StartupDeadLetters" >> beam.Create(list(startup_dead_letters)))
         | "InputDeadLetters" >> beam.Flatten()
     )
@@ -132,7 +168,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     argv_list = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv_list or "--help" in argv_list:
         print_help(invoked_as("pipelines.pcap_flows", "pcap"), DESCRIPTION, [
-            ("pcap pipeline: capture files", InputOptions), ("flows", FlowOptions),
+            ("pcap pipeline: capture files", InputOptions),
+            ("split reads", CaptureSplitOptions), ("flows", FlowOptions),
             ("local sink", LocalSinkOptions), ("BigQuery sink", BigQueryOptions)])
         return 0
     options = PipelineOptions(argv_list)

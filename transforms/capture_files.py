@@ -31,6 +31,16 @@ from flowbeam.capture.reader import (
 from flowbeam.flows.fragment import Fragment
 from flowbeam.packets.to_fragments import PacketsToFragments
 from transforms import counters
+from transforms.capture_ranges import (
+    DEFAULT_SPLIT_MB,
+    RANGES_TAG,
+    SUMMARIES_TAG,
+    WHOLE_TAG,
+    DecodeRangeFn,
+    KeepSettledFn,
+    PlanRangesFn,
+    SettleRangesFn,
+)
 from transforms.dead_letters import DEAD_LETTER_TAG, dead_letter
 from transforms.progress import PROGRESS
 
@@ -159,25 +169,66 @@ class _DecodeCaptureFileFn(beam.DoFn):
 
 
 class DecodeCaptures(beam.PTransform):
-    """File patterns in; a tagged result: ``fragments`` (lists of Fragment) and dead letters."""
+    """File patterns in; ``{"fragments": lists of Fragment, "dead_letters": dead letters}``.
+
+    A capture bigger than ``split_mb`` MB (uncompressed, seekable) is decoded as byte ranges
+    by several workers (``transforms.capture_ranges``) with the same result as one read;
+    ``split_mb <= 0`` reads every file whole.
+    """
 
     def __init__(self, idle_timeout_s: float, active_timeout_s: float,
-                 byte_accounting: str = "ip", sensor: str = "") -> None:
+                 byte_accounting: str = "ip", sensor: str = "",
+                 split_mb: float = DEFAULT_SPLIT_MB, **range_options: int) -> None:
         super().__init__()
-        self._decode = _DecodeCaptureFileFn(
-            round(idle_timeout_s * 1_000_000), round(active_timeout_s * 1_000_000),
-            byte_accounting, sensor)
+        idle_us, active_us = round(idle_timeout_s * 1_000_000), round(active_timeout_s * 1_000_000)
+        self._decode = _DecodeCaptureFileFn(idle_us, active_us, byte_accounting, sensor)
+        self._split_bytes = round(split_mb * (1 << 20))
+        self._idle_us = idle_us
+        # range_options: DecodeRangeFn's lookback and chunk_size (tests make them tiny).
+        self._decode_range = DecodeRangeFn(idle_us, active_us, byte_accounting, sensor,
+                                           **range_options)
 
-    def expand(self, patterns: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
-        return (
+    def expand(self, patterns: beam.PCollection) -> dict[str, beam.PCollection]:
+        planned = (
             patterns
             | "MatchFiles" >> fileio.MatchAll(
                 empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
             # A file matched by several patterns (a.pcap and *.pcap) is read once.
             | "Paths" >> beam.Map(lambda metadata: metadata.path)
             | "OncePerFile" >> beam.Distinct()
-            | "ReadMatches" >> fileio.ReadMatches(skip_directories=True)
-            | "Reshuffle" >> beam.Reshuffle()
-            | "DecodeFiles" >> beam.ParDo(self._decode).with_outputs(
+            | "PlanRanges" >> beam.ParDo(PlanRangesFn(self._split_bytes)).with_outputs(
+                RANGES_TAG, main="whole")
+        )
+        whole = self._read_whole(planned.whole, "")
+        ranges = (
+            planned[RANGES_TAG]
+            | "ReshuffleRanges" >> beam.Reshuffle()
+            | "DecodeRanges" >> beam.ParDo(self._decode_range).with_outputs(
+                SUMMARIES_TAG, main="parts")
+        )
+        settled = (
+            ranges[SUMMARIES_TAG]
+            | "GroupRanges" >> beam.GroupByKey()
+            | "SettleRanges" >> beam.ParDo(SettleRangesFn(describe_skipped)).with_outputs(
+                DEAD_LETTER_TAG, WHOLE_TAG, main="verdicts")
+        )
+        kept = ranges.parts | "KeepSettledRanges" >> beam.ParDo(
+            KeepSettledFn(self._idle_us), beam.pvalue.AsDict(settled.verdicts))
+        # Files whose ranges do not fit together (see flowbeam.capture.splits): read whole.
+        again = self._read_whole(settled[WHOLE_TAG], "Again")
+        return {
+            "fragments": (whole.fragments, kept, again.fragments)
+            | "AllFragments" >> beam.Flatten(),
+            "dead_letters": (whole[DEAD_LETTER_TAG], settled[DEAD_LETTER_TAG],
+                             again[DEAD_LETTER_TAG])
+            | "CaptureDeadLetters" >> beam.Flatten(),
+        }
+
+    def _read_whole(self, paths: beam.PCollection, suffix: str) -> beam.pvalue.DoOutputsTuple:
+        return (
+            paths
+            | f"ReadMatches{suffix}" >> fileio.ReadMatches(skip_directories=True)
+            | f"Reshuffle{suffix}" >> beam.Reshuffle()
+            | f"DecodeFiles{suffix}" >> beam.ParDo(self._decode).with_outputs(
                 DEAD_LETTER_TAG, main="fragments")
         )

@@ -72,20 +72,27 @@ class _PcapLayout:
         return 2 if self.order == "<" else 0
 
 
-def _pcap_layout(source: Source) -> _PcapLayout:
-    if source.end < PCAP_FILE_HEADER:
+def pcap_layout(head: bytes | bytearray) -> _PcapLayout:
+    """The record layout a classic pcap file header (its first 24 bytes) declares."""
+    if len(head) < PCAP_FILE_HEADER:
         raise CaptureDamagedError(
-            0, f"file ends inside the pcap file header ({source.end} of 24 bytes)"
+            0, f"file ends inside the pcap file header ({len(head)} of 24 bytes)"
         )
-    order = "<" if struct.unpack_from("<I", source.buf)[0] in PCAP_MAGICS else ">"
-    magic, _, _, _, _, _, linktype = struct.unpack_from(order + "IHHiIII", source.buf)
+    order = "<" if struct.unpack_from("<I", head)[0] in PCAP_MAGICS else ">"
+    magic, _, _, _, _, _, linktype = struct.unpack_from(order + "IHHiIII", head)
     nanosecond, header_len = PCAP_MAGICS[magic]
     return _PcapLayout(order, header_len, nanosecond, linktype & _LINKTYPE_MASK)
 
 
 def read_pcap(source: Source) -> Iterator[RecordBatch]:
-    layout = _pcap_layout(source)
+    layout = pcap_layout(source.buf[: min(source.end, PCAP_FILE_HEADER)])
     source.start = PCAP_FILE_HEADER
+    return walk_pcap_records(source, layout)
+
+
+def walk_pcap_records(source: Source, layout: _PcapLayout) -> Iterator[RecordBatch]:
+    """The records from ``source.start`` on, which must be a record header (the one after
+    the file header, or one a split read resynchronised on: ``splits``)."""
     speculate = True  # until a chunk shows records too big for it to pay
     while True:
         buf, pos, end = source.buf, source.start, source.end

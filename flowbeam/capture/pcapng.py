@@ -64,6 +64,7 @@ class _Section:
 
     def __init__(self) -> None:
         self.last_ts_us = 0  # Simple Packet Blocks carry no time: they reuse the previous one
+        self.declared: list[int] = []  # file offsets of the SHBs and IDBs walked (split reads)
         self.start("<")
 
     def start(self, order: str) -> None:
@@ -123,8 +124,10 @@ class _Stop:
     error: CaptureError | None = None
 
 
-def read_pcapng(source: Source) -> Iterator[RecordBatch]:
-    section = _Section()
+def read_pcapng(source: Source, section: _Section | None = None) -> Iterator[RecordBatch]:
+    """The packets of the blocks from ``source.start`` on; ``section``: the state a split
+    read starts with (``pcapng_head``), else a fresh one for a read from byte 0."""
+    section = _Section() if section is None else section
     while True:
         columns = _Columns()
         stop = _walk_pcapng(source.buf, source.start, source.end, source.base, section, columns)
@@ -202,7 +205,42 @@ def _walk_pcapng(
             error = _interface_block(buf, pos, base, length, section)
         if error is not None:
             return _Stop(pos, error=error)
+        if block_type in (SHB, _IDB):
+            section.declared.append(base + pos)
         pos += length
+
+
+def pcapng_head(source: Source) -> tuple[_Section, int]:
+    """The byte order and interfaces the leading SHB and IDBs declare, and where they end.
+
+    A split read (``splits``) starts mid-file with this state, so every range knows the link
+    types and timestamp resolutions. A damaged head just ends early: the range holding the
+    damage reports it, as the whole read would.
+    """
+    section = _Section()
+    while True:
+        if source.end - source.start < 12 and not source.eof:
+            source.fill(12)
+        buf, pos, base = source.buf, source.start, source.base
+        if source.end - pos < 12:
+            return section, base + pos
+        block_type = section.u32(buf, pos)[0]
+        if block_type == SHB:
+            if _start_section(buf, pos, base, section) is not None:
+                return section, base + pos
+        elif block_type != _IDB:
+            return section, base + pos
+        length = section.u32(buf, pos + 4)[0]
+        if length % 4 or not 12 <= length <= MAX_BLOCK:
+            return section, base + pos
+        if source.end - pos < length:
+            if source.eof:
+                return section, base + pos
+            source.fill(length)
+            continue
+        if block_type == _IDB and _interface_block(buf, pos, base, length, section) is not None:
+            return section, base + pos
+        source.start = pos + length
 
 
 def _structure_error(offset: int, reason: str) -> CaptureError:

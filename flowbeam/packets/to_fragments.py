@@ -9,13 +9,21 @@ types it could not decode. The Beam DoFns around it only add metrics and dead le
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 from collections.abc import Mapping
+
+import numpy as np
 
 from flowbeam.capture.records import RecordBatch
 from flowbeam.flows.fragment import Fragment
 from flowbeam.packets.aggregation import FragmentAggregator
-from flowbeam.packets.columns import PacketColumns
+from flowbeam.packets.columns import COLUMN_NAMES, PacketColumns
 from flowbeam.packets.decoder import PacketDecoder
+
+# The wire length given to records decoded only for context (``resolve``): no real frame has
+# it, so their rows are told apart from the waiting fragments they release.
+_CONTEXT_WIRELEN = -1
 
 
 class PacketsToFragments:
@@ -35,14 +43,37 @@ class PacketsToFragments:
             idle_timeout_us, active_timeout_us, byte_accounting=byte_accounting, scope=sensor)
         self.packets = 0
         self.bytes = 0
+        self.newest_us: int | None = None  # latest packet time aggregated
+        self._priming = False
+
+    def prime(self, batch: RecordBatch) -> None:
+        """Decode records before a split read's range only for the first IP fragments they
+        hold (``flowbeam.capture.splits``): nothing of theirs is emitted or counted."""
+        self._decoder.decode(batch)
+        self._priming = True
 
     def add(self, batch: RecordBatch) -> list[Fragment]:
         """Fragments that are complete after this batch (most stay open until ``finish``)."""
+        self._end_priming()
         return self._aggregate(self._decoder.decode(batch))
+
+    def resolve(self, batch: RecordBatch) -> list[Fragment]:
+        """Decode records after a split read's range only to complete its waiting fragments:
+        the fragments they release are emitted and counted, nothing of their own is."""
+        self._end_priming()
+        errors = collections.Counter(self._decoder.errors)
+        linktypes = set(self._decoder.unknown_linktypes)
+        context = dataclasses.replace(batch, wirelen=np.full(len(batch), _CONTEXT_WIRELEN))
+        released = self._decoder.decode(context)
+        self._decoder.errors.clear()
+        self._decoder.errors.update(errors)
+        self._decoder.unknown_linktypes.intersection_update(linktypes)
+        return self._aggregate(released)
 
     def finish(self) -> list[Fragment]:
         """The capture has ended: every remaining fragment, IP fragments still waiting
         for their first fragment included."""
+        self._end_priming()
         return self._aggregate(self._decoder.flush()) + self._aggregator.finish()
 
     @property
@@ -54,8 +85,35 @@ class PacketsToFragments:
     def unknown_linktypes(self) -> frozenset[int]:
         return frozenset(self._decoder.unknown_linktypes)
 
+    def _end_priming(self) -> None:
+        """Forget what the primers left: their waiting fragments and their counts."""
+        if self._priming:
+            self._priming = False
+            self._decoder.flush()
+            self._decoder.errors.clear()
+            self._decoder.unknown_linktypes.clear()
+
     def _aggregate(self, packets: PacketColumns) -> list[Fragment]:
+        ours = packets.frame_bytes != _CONTEXT_WIRELEN
+        if not ours.all():
+            packets = PacketColumns(**{name: getattr(packets, name)[ours]
+                                       for name in COLUMN_NAMES})
+        if len(packets):
+            newest = int(packets.ts_us.max())
+            self.newest_us = newest if self.newest_us is None else max(self.newest_us, newest)
         self.packets += len(packets)
         column = packets.frame_bytes if self._frame_bytes else packets.ip_bytes
         self.bytes += int(column.sum())
         return self._aggregator.add(packets)
+
+
+def settle_open_at_end(fragments: list[Fragment], newest_us: int,
+                       idle_timeout_us: int) -> list[Fragment]:
+    """A split read's fragments with ``open_at_end`` decided against the whole file.
+
+    Each range's aggregator only knows its own newest packet, so it marks a flow open at the
+    end when the *range* ended within the idle timeout; the file's ``newest_us`` decides.
+    """
+    return [f._replace(open_at_end=False)
+            if f.open_at_end and f.last_us + idle_timeout_us <= newest_us else f
+            for f in fragments]
