@@ -63,10 +63,29 @@ def env_default(name: str, default: object = None) -> object:
     return os.environ.get(variable, default)
 
 
-def env_flag(name: str) -> bool:
-    """The default of a switch (``store_true``) option ``name``: whether
-    ``$FLOWBEAM_<NAME>`` is set to 1, true or yes (any case)."""
-    return str(env_default(name, "")).strip().lower() in ("1", "true", "yes")
+SWITCH_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def parse_switch(value: str) -> bool:
+    """A switch's value: true/false, 1/0 or yes/no, in any case (argparse's ``type``)."""
+    try:
+        return SWITCH_VALUES[value.strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"expected true or false (also 1/0, yes/no), got {value!r}") from None
+
+
+def add_switch(parser: Any, name: str, help_text: str) -> None:
+    """Add the on/off option ``--name``: bare ``--name`` turns it on, and so does
+    ``--name=true``; ``--name=false`` turns it off (values as ``parse_switch`` reads them).
+
+    Why a value form: a Dataflow flex template passes every parameter as ``--name=value``, so
+    a ``store_true`` flag could not be a template parameter. ``$FLOWBEAM_<NAME>`` is its
+    default, read the same way (argparse converts a string default with ``type``, and a bad
+    one is reported naming the variable).
+    """
+    parser.add_argument(f"--{name}", nargs="?", const=True, type=parse_switch,
+                        default=env_default(name, False), metavar="true|false", help=help_text)
 
 
 def unknown_environment() -> list[str]:

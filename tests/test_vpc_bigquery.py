@@ -93,3 +93,39 @@ def test_the_three_tables_in_bigquery(vpc_inputs, bigquery_emulator, tmp_path):
         {"interface": "eni-1235b8ca123456789", "src_addr": "203.0.113.12",
          "dst_addr": "172.31.16.139", "protocol": "icmp", "dst_port": 0, "src_packets": 4,
          "dst_packets": 4}]
+
+
+def table_names(client: bigquery.Client) -> list[str]:
+    return sorted(table.table_id for table in client.list_tables(DATASET))
+
+
+@pytest.mark.emulator
+def test_the_same_files_twice_leave_the_rows_of_one_run_in_every_table(
+        vpc_inputs, bigquery_emulator, tmp_path):
+    """A batch re-run (the default ``--bq_insert_mode merge``) stages all three tables and
+    merges them on their ids: nothing is added twice, the staging tables are dropped."""
+    flow_log, envelopes, subnets = vpc_inputs
+    project = bigquery_emulator.project
+    client = client_for(bigquery_emulator)
+    client.delete_dataset(DATASET, delete_contents=True, not_found_ok=True)
+    client.create_dataset(DATASET)
+    runs = []
+    for attempt in ("run1", "run2"):
+        output = tmp_path / attempt
+        assert run(["--input", str(flow_log), "--input", str(envelopes), "--subnets_file",
+                    str(subnets), "--output", str(output), "--runner=FnApiRunner",
+                    "--output_table", f"{project}:{DATASET}.flow_logs",
+                    "--bq_endpoint", bigquery_emulator.url]) == 0
+        runs.append({"flow_logs": read_flows(output),
+                     SUBNET_TRAFFIC.name: read_table(output, SUBNET_TRAFFIC),
+                     DENIED_FLOWS.name: read_table(output, DENIED_FLOWS)})
+    first, second = runs
+    for table, rows in first.items():
+        by_id = sorted(rows, key=lambda row: row["id"])
+        assert sorted(second[table], key=lambda row: row["id"]) == by_id, table  # same ids
+        assert len(by_id) == len({row["id"] for row in rows}) > 0, table
+        in_bigquery = rows_of(client, f"SELECT * FROM `{project}.{DATASET}.{table}` ORDER BY id")
+        assert in_bigquery == by_id, table
+    assert table_names(client) == sorted(
+        name for table in ("flow_logs", SUBNET_TRAFFIC.name, DENIED_FLOWS.name)
+        for name in (table, f"{table}_errors"))

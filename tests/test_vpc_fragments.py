@@ -16,6 +16,7 @@ from flowbeam.vpc.aggregates import (
     TrafficKey,
     add_counts,
     denial_row,
+    record_digest,
     traffic_keys,
     traffic_row,
 )
@@ -155,23 +156,28 @@ def test_traffic_keys_per_known_side():
     minute = 1432917027 // 60 * 60
     assert traffic_keys(request, MATCHER) == [
         (TrafficKey(minute, "subnet-b", "db", "vpc-1", INBOUND, "ACCEPT"),
-         TrafficCounts(1, 4, 336))]
+         TrafficCounts(1, 4, 336, record_digest(request)))]
     assert traffic_keys(reply, MATCHER) == [
         (TrafficKey(1432917094 // 60 * 60, "subnet-b", "db", "vpc-1", OUTBOUND, "REJECT"),
-         TrafficCounts(1, 4, 336))]
+         TrafficCounts(1, 4, 336, record_digest(reply)))]
     inside = parse_record("2 1 eni-1 172.31.16.5 172.31.17.9 1 2 6 3 400 1432917030 "
                           "1432917090 ACCEPT OK")
     assert [(k.subnet, k.direction) for k, _ in traffic_keys(inside, MATCHER)] == [
         ("subnet-a", OUTBOUND), ("subnet-a", INBOUND)]
-    assert add_counts([TrafficCounts(1, 4, 336), TrafficCounts(2, 3, 100)]) == (3, 7, 436)
-    row = traffic_row(TrafficKey(minute, "subnet-b", "db", "vpc-1", INBOUND, "ACCEPT"),
-                      TrafficCounts(3, 7, 436))
+    # Digests add modulo 2**63, so any order of records sums to the same one.
+    assert add_counts([TrafficCounts(1, 4, 336, 2 ** 63 - 1), TrafficCounts(2, 3, 100, 5)]) == (
+        3, 7, 436, 4)
+    key = TrafficKey(minute, "subnet-b", "db", "vpc-1", INBOUND, "ACCEPT")
+    row = traffic_row(key, TrafficCounts(3, 7, 436, 4))
     assert {k: v for k, v in row.items() if k != "id"} == {
         "minute": utc(1432917000), "subnet": "subnet-b", "subnet_name": "db",
         "vpc_id": "vpc-1", "direction": INBOUND, "action": "ACCEPT", "flows": 3, "packets": 7,
         "bytes": 436}
-    assert row["id"] == traffic_row(*traffic_keys(request, MATCHER)[0][:1],
-                                    TrafficCounts(9, 9, 9))["id"]
+    # The id is the key's and the records': the same records again (a re-run) give the same
+    # id; other records of the same key (a later back-fill) another one, added up by SUM.
+    assert row["id"] == traffic_row(key, TrafficCounts(9, 9, 9, 4))["id"]
+    assert row["id"] != traffic_row(key, TrafficCounts(3, 7, 436, 5))["id"]
+    assert len({record_digest(record) for record in (request, reply, inside)}) == 3
 
 
 def test_denial_row_of_a_reject_record():
@@ -197,4 +203,4 @@ def test_an_ipv6_record_is_a_flow_and_matches_an_ipv6_subnet():
     # 2001:db8:1234:a102::/64 is subnet-b's second block.
     assert traffic_keys(record, MATCHER) == [
         (TrafficKey(1477913708 // 60 * 60, "subnet-b", "db", "vpc-1", INBOUND, "ACCEPT"),
-         TrafficCounts(1, 54, 8855))]
+         TrafficCounts(1, 54, 8855, record_digest(record)))]

@@ -98,3 +98,63 @@ def test_the_pipeline_reads_the_stream_to_its_latest_record(aws, tmp_path, capsy
           "sequence_number": not_envelope["SequenceNumber"]}),
         ("parse_vpc_record", f"{LOG_GROUP}-backfill/{LOG_STREAM}",
          f"log event {bad_event.id}: 3 values for a format of 14 fields", "not a record")]
+
+
+def last_sequence_numbers(kinesis, name: str) -> dict[str, str]:
+    """Shard id -> the sequence number of its last record, as the stream has it now."""
+    last = {}
+    for shard in kinesis.list_shards(StreamName=name)["Shards"]:
+        iterator = kinesis.get_shard_iterator(
+            StreamName=name, ShardId=shard["ShardId"],
+            ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+        records = kinesis.get_records(ShardIterator=iterator)["Records"]
+        if records:
+            last[shard["ShardId"]] = records[-1]["SequenceNumber"]
+    return last
+
+
+def flow_tuple(row: dict) -> tuple:
+    return (row["src_addr"], row["dst_addr"], row["protocol"], row["src_port"],
+            row["dst_port"], row["src_packets"], row["src_bytes"], row["dst_packets"],
+            row["dst_bytes"], row["action"])
+
+
+def test_a_resumed_back_fill_reads_only_what_came_since(aws, tmp_path):
+    url, kinesis, logs = aws
+    subscribed_stream(kinesis, logs, "incremental")
+    eni = "2 123456789010 eni-1235b8ca123456789"
+    put_lines(logs, "incremental", [  # AWS's ICMP example: the ping accepted, its reply not
+        f"{eni} 203.0.113.12 172.31.16.139 0 0 1 4 336 1432917027 1432917142 ACCEPT OK",
+        f"{eni} 172.31.16.139 203.0.113.12 0 0 1 4 336 1432917094 1432917142 REJECT OK"])
+
+    def back_fill(output, *resume: str) -> None:
+        assert run(["--kinesis_stream", "incremental", "--kinesis_endpoint", url,
+                    "--aws_region", REGION, "--start_position", "trim_horizon",
+                    "--kinesis_stop_at_latest=true", "--output", str(output), *resume]) == 0
+
+    first = tmp_path / "first"
+    back_fill(first)
+    positions = json.loads((first / "kinesis_positions.json").read_text())
+    assert positions == last_sequence_numbers(kinesis, "incremental") and positions
+    assert [flow_tuple(row) for row in read_flows(first)] == [
+        ("203.0.113.12", "172.31.16.139", "icmp", 0, 0, 4, 336, 4, 336, "REJECT")]
+
+    put_lines(logs, "incremental", [  # later: a probe rejected, a connection accepted
+        f"{eni} 198.51.100.7 172.31.16.139 0 0 1 2 168 1432918000 1432918060 REJECT OK",
+        f"{eni} 172.31.16.139 198.51.100.9 44321 443 6 10 840 1432918000 1432918060 ACCEPT OK"])
+    second = tmp_path / "second"
+    back_fill(second, f"--kinesis_resume_after=@{first / 'kinesis_positions.json'}")
+    assert sorted(flow_tuple(row) for row in read_flows(second)) == [
+        ("172.31.16.139", "198.51.100.9", "tcp", 44321, 443, 10, 840, 0, 0, "ACCEPT"),
+        ("198.51.100.7", "172.31.16.139", "icmp", 0, 0, 2, 168, 0, 0, "REJECT")]
+    assert [(row["src_addr"], row["dst_addr"], row["packets"], row["bytes"])
+            for row in read_table(second, DENIED_FLOWS)] == [
+        ("198.51.100.7", "172.31.16.139", 2, 168)]
+    later = json.loads((second / "kinesis_positions.json").read_text())
+    assert later == last_sequence_numbers(kinesis, "incremental") != positions
+
+    # Nothing new: nothing read, and the positions stay where they were.
+    third = tmp_path / "third"
+    back_fill(third, f"--kinesis_resume_after=@{second / 'kinesis_positions.json'}")
+    assert read_flows(third) == [] and read_table(third, DENIED_FLOWS) == []
+    assert json.loads((third / "kinesis_positions.json").read_text()) == later

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import apache_beam as beam
 import pyarrow.parquet as pq
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from flowbeam.vpc.schemas import DENIED_FLOWS, SUBNET_TRAFFIC, ExtraTable
@@ -275,3 +276,86 @@ def test_every_option_also_comes_from_the_environment(monkeypatch):
         ("srcaddr", "dstaddr"), True, "out")
     assert (config.ec2.region, config.ec2.endpoint, config.ec2.refresh_s) == (
         "eu-west-1", None, 60.0)
+
+
+SWITCHES = {  # each on/off option, and what it sets in the config
+    "log_denied": lambda config: config.log_denied,
+    "subnets_from_ec2": lambda config: config.ec2 is not None,
+    "kinesis_stop_at_latest": lambda config: config.kinesis.stop_at_latest,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SWITCHES))
+def test_switches_also_take_a_value_as_a_flex_template_passes_it(name, monkeypatch):
+    monkeypatch.delenv(f"FLOWBEAM_{name.upper()}", raising=False)
+    setting = SWITCHES[name]
+    for given, expected in ((["--NAME"], True), (["--NAME=true"], True), (["--NAME=YES"], True),
+                            (["--NAME=1"], True), (["--NAME", "--output=o"], True),
+                            (["--NAME=false"], False), (["--NAME=No"], False),
+                            (["--NAME=0"], False), ([], False)):
+        argv = ["--kinesis_stream=s", "--output=o", *(a.replace("NAME", name) for a in given)]
+        assert setting(parse_config(PipelineOptions(argv))) is expected, given
+    for value, expected in (("TRUE", True), ("no", False)):
+        monkeypatch.setenv(f"FLOWBEAM_{name.upper()}", value)
+        assert setting(parse_config(PipelineOptions(["--kinesis_stream=s", "--output=o"]))) \
+            is expected
+
+
+@pytest.mark.parametrize(("given", "env", "message"), [
+    (["--log_denied=maybe"], {},
+     "argument --log_denied: expected true or false (also 1/0, yes/no), got 'maybe'"),
+    (["--subnets_from_ec2", "on"], {},
+     "argument --subnets_from_ec2: expected true or false (also 1/0, yes/no), got 'on'"),
+    ([], {"FLOWBEAM_KINESIS_STOP_AT_LATEST": "y"},
+     "FLOWBEAM_KINESIS_STOP_AT_LATEST: expected true or false (also 1/0, yes/no), got 'y'"),
+], ids=["value", "separate-value", "environment"])
+def test_a_switch_with_another_value_is_a_usage_error(given, env, message, tmp_path, capsys,
+                                                      monkeypatch):
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    assert run(["--kinesis_stream", "s", "--output", str(tmp_path), *given]) == 2
+    assert capsys.readouterr().err == f"flowbeam: error: {message}\n"
+
+
+RESUME_AFTER_SHAPE = (
+    "must be a JSON object of shard id -> sequence number (a string of digits), e.g. "
+    '{"shardId-000000000000": "49590338271490256608559692538361571095921575989136588898"}')
+
+
+def test_the_resume_point_is_json_inline_or_in_a_file(tmp_path):
+    positions = {"shardId-000000000000": "49590338271490256608559692538361571095921575989136588898",
+                 "shardId-000000000001": "7"}
+    saved = tmp_path / "kinesis_positions.json"
+    saved.write_text(json.dumps(positions))
+    for value in (json.dumps(positions), f"@{saved}"):
+        config = parse_config(PipelineOptions([
+            "--kinesis_stream=s", "--output=o", f"--kinesis_resume_after={value}"]))
+        assert config.kinesis.resume_after == positions
+    config = parse_config(PipelineOptions(["--kinesis_stream=s", "--output=o"]))
+    assert config.kinesis.resume_after == {}
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ('{"shardId-000000000000": 4959}', f"the value {RESUME_AFTER_SHAPE}"),
+    ('["shardId-000000000000"]', f"the value {RESUME_AFTER_SHAPE}"),
+    ('{"shardId-000000000000": "49x"}', f"the value {RESUME_AFTER_SHAPE}"),
+    ("shardId-000000000000=4959", "the value is not JSON (Expecting value: line 1 column 1 "
+                                  "(char 0))"),
+    ("@FILE", "'FILE' is not JSON (Expecting value: line 1 column 1 (char 0))"),
+    ("@MISSING", "cannot read 'MISSING': [Errno 2] No such file or directory: 'MISSING'"),
+], ids=["number", "list", "not-digits", "not-json", "file-not-json", "no-file"])
+def test_a_bad_resume_point_is_a_usage_error(value, message, tmp_path, capsys):
+    bad_file = tmp_path / "positions.json"
+    bad_file.write_text("not json\n")
+    missing = tmp_path / "missing.json"
+    value = value.replace("FILE", str(bad_file)).replace("MISSING", str(missing))
+    message = message.replace("FILE", str(bad_file)).replace("MISSING", str(missing))
+    assert run(["--kinesis_stream", "s", "--output", str(tmp_path),
+                "--kinesis_resume_after", value]) == 2
+    assert capsys.readouterr().err == f"flowbeam: error: --kinesis_resume_after: {message}\n"
+
+
+def test_a_resume_point_needs_a_stream(tmp_path, capsys):
+    assert run(["--input", "x", "--output", str(tmp_path), "--kinesis_resume_after", "{}"]) == 2
+    assert capsys.readouterr().err == (
+        "flowbeam: error: --kinesis_resume_after needs --kinesis_stream\n")

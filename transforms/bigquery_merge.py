@@ -1,13 +1,13 @@
-"""Idempotent batch writes: stage the rows, then ``MERGE`` them into the flow table on ``id``.
+"""Idempotent batch writes: stage the rows, then ``MERGE`` them into their table on ``id``.
 
 Re-processing a bucket of captures must not duplicate rows. Every flow row has a deterministic
 ``id`` (hash of source, flow key and ``first_seen_at``), but neither load jobs nor streaming
 inserts de-duplicate on it (insert ids are best effort, for about a minute). So in batch the
 rows go first to a staging table of this job (``<table>_staging_<suffix>``, created at start-up
-like the flow table, expiring after a week in case the job dies), and once the write has
+like the target table, expiring after a week in case the job dies), and once the write has
 finished one step runs::
 
-    MERGE flow_table USING (staging, one row per id) ON id ... WHEN NOT MATCHED THEN INSERT
+    MERGE target USING (staging, one row per id) ON id ... WHEN NOT MATCHED THEN INSERT
 
 and drops the staging table. The step is sequenced after the write inside the pipeline (not
 after ``wait_until_finish`` in the launcher: a flex template launcher does not wait for the
@@ -18,8 +18,12 @@ are done.
 
 The MERGE is safe to retry: rows already merged match and are left alone, and a second run
 after the staging table was dropped finds nothing to do. Its ON clause bounds the target by
-the staged rows' ``first_seen_at`` range (the same id always has the same ``first_seen_at``),
-so BigQuery reads only those day partitions of the flow table.
+the staged rows' range of its partitioning column (``first_seen_at`` for flows: the same id
+always has the same value there), so BigQuery reads only those day partitions of the target.
+
+Any table whose rows have such an id merges the same way: a ``TableLayout`` says what the
+staging and the MERGE need of it (the flow table's is ``FLOW_TABLE``; the VPC pipeline's
+``subnet_traffic`` and ``denied_flows`` have their own).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -35,7 +40,7 @@ from apache_beam.io.gcp.bigquery import WriteResult
 from google.api_core import exceptions as api_exceptions
 from google.cloud import bigquery
 
-from flowbeam.flows.schema import FLOW_COLUMN_NAMES, FLOW_COLUMNS
+from flowbeam.flows.schema import FLOW_COLUMNS, Column
 from transforms.bigquery_config import (
     FILE_LOADS,
     INSERT_ID_FIELD,
@@ -61,10 +66,29 @@ INSERT_MODES = (MERGE, APPEND)
 STAGING_INFIX = "_staging_"
 STAGING_EXPIRATION = timedelta(days=7)
 STAGING_DESCRIPTION = (
-    "flowbeam staging table of one batch job: its rows are merged into the flow table on id "
-    "when the job's write has finished, then this table is dropped. Left over only by a job "
-    "that failed; it expires by itself."
+    "flowbeam staging table of one batch job: its rows are merged into the table it is named "
+    "after on id when the job's write has finished, then this table is dropped. Left over "
+    "only by a job that failed; it expires by itself."
 )
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """What staging and merging need of a target table besides its name: its columns (the
+    staging table's schema, the MERGE's column list), its day-partitioning column (the MERGE
+    prunes the target's partitions by the staged rows' range of it, so a row's id must
+    determine its value there) and its clustering (copied, so staging is laid out alike)."""
+
+    columns: tuple[Column, ...]
+    partition_field: str
+    clustering: tuple[str, ...] = ()
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(column.name for column in self.columns)
+
+
+FLOW_TABLE = TableLayout(tuple(FLOW_COLUMNS), PARTITION_FIELD, tuple(CLUSTERING_FIELDS))
 
 
 def resolve_insert_mode(requested: str | None, *, streaming: bool, write_method: str) -> str:
@@ -102,14 +126,16 @@ def job_suffix(now: datetime | None = None) -> str:
 
 def prepare_staging_table(config: BigQueryConfig, client: bigquery.Client | None = None,
                           suffix: str | None = None,
-                          deadline_s: float = STARTUP_DEADLINE_S) -> TableRef:
-    """Start-up step of a merge write: create this job's staging table like the flow table
-    (schema, partitioning, clustering), expiring after ``STAGING_EXPIRATION``."""
+                          deadline_s: float = STARTUP_DEADLINE_S,
+                          layout: TableLayout = FLOW_TABLE) -> TableRef:
+    """Start-up step of a merge write: create this job's staging table of ``config.table``
+    like it (``layout``: schema, partitioning, clustering), expiring after
+    ``STAGING_EXPIRATION``. Give the tables of one job the same ``suffix``."""
     staging = staging_table(config.table, suffix or job_suffix())
     with startup_errors(f"creating the staging table {staging.spec}", config):
-        ensure_table(client or cloud_client(config), staging, FLOW_COLUMNS, STAGING_DESCRIPTION,
-                     PARTITION_FIELD, CLUSTERING_FIELDS, deadline_s,
-                     expires=datetime.now(UTC) + STAGING_EXPIRATION)
+        ensure_table(client or cloud_client(config), staging, layout.columns,
+                     STAGING_DESCRIPTION, layout.partition_field, layout.clustering,
+                     deadline_s, expires=datetime.now(UTC) + STAGING_EXPIRATION)
     return staging
 
 
@@ -120,13 +146,14 @@ def _timestamp_literal(value: datetime) -> str:
     return f"TIMESTAMP '{value.astimezone(UTC).isoformat(sep=' ', timespec='microseconds')}'"
 
 
-def merge_statement(target: TableRef, staging: TableRef, first_seen: datetime,
-                    last_seen: datetime, columns: Sequence[str] = FLOW_COLUMN_NAMES) -> str:
+def merge_statement(target: TableRef, staging: TableRef, earliest: datetime,
+                    latest: datetime, columns: Sequence[str] = FLOW_TABLE.column_names,
+                    partition_field: str = FLOW_TABLE.partition_field) -> str:
     """The MERGE of the staged rows into ``target``: one copy per ``id`` (a retried insert may
     have staged a row twice), inserted only when ``target`` has no row with that ``id``.
 
-    ``first_seen``/``last_seen``: the staged rows' ``first_seen_at`` range, as constants in the
-    ON clause so that BigQuery prunes the target's partitions outside it.
+    ``earliest``/``latest``: the staged rows' range of ``partition_field``, as constants in
+    the ON clause so that BigQuery prunes the target's partitions outside it.
     """
     names = ", ".join(f"`{name}`" for name in columns)
     values = ", ".join(f"staged.`{name}`" for name in columns)
@@ -139,29 +166,32 @@ def merge_statement(target: TableRef, staging: TableRef, first_seen: datetime,
         f"    FROM `{staging.path}`)\n"
         f"  WHERE flowbeam_copy = 1) AS staged\n"
         f"ON target.`{key}` = staged.`{key}`\n"
-        f"  AND target.`{PARTITION_FIELD}` BETWEEN {_timestamp_literal(first_seen)} "
-        f"AND {_timestamp_literal(last_seen)}\n"
+        f"  AND target.`{partition_field}` BETWEEN {_timestamp_literal(earliest)} "
+        f"AND {_timestamp_literal(latest)}\n"
         f"WHEN NOT MATCHED THEN INSERT ({names}) VALUES ({values})"
     )
 
 
-def merge_staged_rows(client: bigquery.Client, target: TableRef, staging: TableRef) -> int:
-    """Merge ``staging`` into ``target``, then drop ``staging``; returns the rows inserted.
+def merge_staged_rows(client: bigquery.Client, target: TableRef, staging: TableRef,
+                      layout: TableLayout = FLOW_TABLE) -> int:
+    """Merge ``staging`` into ``target`` (laid out as ``layout``), then drop ``staging``;
+    returns the rows inserted.
 
     A staging table that no longer exists was merged and dropped by an earlier attempt of
     this step (a retried bundle): nothing is left to do.
     """
-    bounds_sql = (f"SELECT MIN(`{PARTITION_FIELD}`) AS first_seen, "
-                  f"MAX(`{PARTITION_FIELD}`) AS last_seen FROM `{staging.path}`")
+    field = layout.partition_field
+    bounds_sql = (f"SELECT MIN(`{field}`) AS earliest, MAX(`{field}`) AS latest "
+                  f"FROM `{staging.path}`")
     try:
         (bounds,) = list(client.query(bounds_sql).result())
     except api_exceptions.NotFound:
         LOG.warning("flowbeam: staging table %s is gone: already merged", staging.spec)
         return 0
     inserted = 0
-    if bounds["first_seen"] is not None:  # NULL: the job wrote no rows
-        job = client.query(merge_statement(target, staging, bounds["first_seen"],
-                                           bounds["last_seen"]))
+    if bounds["earliest"] is not None:  # NULL: the job wrote no rows
+        job = client.query(merge_statement(target, staging, bounds["earliest"],
+                                           bounds["latest"], layout.column_names, field))
         job.result()
         inserted = job.num_dml_affected_rows or 0
     client.delete_table(staging.path, not_found_ok=True)
@@ -185,33 +215,38 @@ def write_finished_signals(result: WriteResult, write_method: str) -> list[beam.
 class _MergeStagedRowsFn(beam.DoFn):
     """Runs the MERGE once (one input element); the side inputs only sequence it."""
 
-    def __init__(self, config: BigQueryConfig, staging: TableRef) -> None:
+    def __init__(self, config: BigQueryConfig, staging: TableRef, layout: TableLayout) -> None:
         self._config = config
         self._staging = staging
+        self._layout = layout
 
     def process(self, _: Any, *_write_outputs: Any) -> Iterator[int]:
-        yield merge_staged_rows(cloud_client(self._config), self._config.table, self._staging)
+        yield merge_staged_rows(cloud_client(self._config), self._config.table, self._staging,
+                                self._layout)
 
 
 class MergeStagedRows(beam.PTransform):
-    """Applied to the pipeline: merge ``staging`` into the flow table once every PCollection
-    of ``after`` is complete; outputs the number of rows inserted.
+    """Applied to the pipeline: merge ``staging`` into ``config.table`` (laid out as
+    ``layout``) once every PCollection of ``after`` is complete; outputs the number of rows
+    inserted.
 
     ``after`` goes in as unread iterable side inputs: they cost nothing to pass (an iterable
     side input is streamed, never loaded whole) and the runner still waits for them.
     """
 
     def __init__(self, config: BigQueryConfig, staging: TableRef,
-                 after: Sequence[beam.PCollection]) -> None:
+                 after: Sequence[beam.PCollection], layout: TableLayout = FLOW_TABLE) -> None:
         super().__init__()
         self._config = config
         self._staging = staging
         self._after = list(after)
+        self._layout = layout
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         waits = [beam.pvalue.AsIter(signal) for signal in self._after]
         return (
             pbegin
             | "Once" >> beam.Create([None])
-            | "Merge" >> beam.ParDo(_MergeStagedRowsFn(self._config, self._staging), *waits)
+            | "Merge" >> beam.ParDo(_MergeStagedRowsFn(self._config, self._staging,
+                                                            self._layout), *waits)
         )

@@ -4,14 +4,14 @@ Every row BigQuery rejects becomes a ``dead_letter`` (stage ``bigquery_insert``)
 (``flowbeam/bigquery_rejected_rows``), written to the ``<table>_errors`` table and returned so
 the pipeline can also write it to its local errors file. Given a staging table (the batch
 ``merge`` insert mode, ``transforms.bigquery_merge``), the rows go there and are merged into
-the flow table once the write has finished.
+their table once the write has finished.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +20,6 @@ from apache_beam.io.gcp.bigquery import BigQueryDisposition, WriteToBigQuery
 from apache_beam.io.gcp.bigquery_tools import RetryStrategy
 from apache_beam.utils.timestamp import Timestamp
 
-from flowbeam.flows.schema import FLOW_COLUMNS, Column
 from transforms import counters
 from transforms.bigquery_config import (
     INSERT_ID_FIELD,
@@ -31,7 +30,12 @@ from transforms.bigquery_config import (
     BigQueryConfig,
     TableRef,
 )
-from transforms.bigquery_merge import MergeStagedRows, write_finished_signals
+from transforms.bigquery_merge import (
+    FLOW_TABLE,
+    MergeStagedRows,
+    TableLayout,
+    write_finished_signals,
+)
 from transforms.bigquery_tables import BigQueryClients, bigquery_table_schema
 from transforms.dead_letters import dead_letter
 
@@ -176,21 +180,20 @@ class WriteFlowsToBigQuery(beam.PTransform):
     report each rejected row, which also goes to ``<table>_errors``.
 
     ``staging``: write into this job's staging table (``prepare_staging_table``) and merge it
-    into the flow table on ``id`` when the write has finished, so a re-run adds no duplicate.
-    Dead letters still name, and go beside, the flow table.
+    into ``config.table`` on ``id`` when the write has finished, so a re-run adds no
+    duplicate. Dead letters still name, and go beside, ``config.table``.
 
-    ``columns``: the table's columns when it is not the flow table (``config.table`` then
-    names another prepared table, e.g. the VPC pipeline's ``subnet_traffic``).
+    ``layout``: the table's when it is not the flow table (``config.table`` then names
+    another prepared table, e.g. the VPC pipeline's ``subnet_traffic``).
     """
 
     def __init__(self, config: BigQueryConfig, batch_size: int | None = None,
-                 staging: TableRef | None = None,
-                 columns: Sequence[Column] = FLOW_COLUMNS) -> None:
+                 staging: TableRef | None = None, layout: TableLayout = FLOW_TABLE) -> None:
         super().__init__()
         self._config = config
         self._batch_size = batch_size
         self._staging = staging
-        self._columns = tuple(columns)
+        self._layout = layout
 
     def expand(self, rows: beam.PCollection) -> beam.PCollection:
         config = self._config
@@ -202,7 +205,7 @@ class WriteFlowsToBigQuery(beam.PTransform):
                 table=(self._staging or config.table).spec,
                 # Only the Storage Write API needs it (to build Beam rows); file loads must
                 # not send it: an existing compatible table may differ in modes.
-                schema=bigquery_table_schema(self._columns) if storage_api else None,
+                schema=bigquery_table_schema(self._layout.columns) if storage_api else None,
                 method=WRITE_METHODS[config.write_method],
                 create_disposition=BigQueryDisposition.CREATE_NEVER,
                 write_disposition=BigQueryDisposition.WRITE_APPEND,
@@ -212,7 +215,8 @@ class WriteFlowsToBigQuery(beam.PTransform):
         )
         if self._staging is not None:
             _ = rows.pipeline | "MergeStagedRows" >> MergeStagedRows(
-                config, self._staging, write_finished_signals(result, config.write_method))
+                config, self._staging, write_finished_signals(result, config.write_method),
+                self._layout)
         if not config.reports_rejected_rows:
             return rows.pipeline | "NoRejectedRows" >> beam.Create([])
         dead_letters = result.failed_rows_with_errors | "ToDeadLetters" >> beam.ParDo(

@@ -41,13 +41,26 @@ class TrafficCounts(NamedTuple):
     flows: int
     packets: int
     bytes: int
+    # Which records were counted: the sum (mod 2**63) of their ``record_digest``s. It makes a
+    # row's id: the same records give the same id in any order, in any run; others another.
+    digest: int = 0
+
+
+MEASURES = ("flows", "packets", "bytes")
+DIGEST_MODULUS = 2 ** 63  # within Beam's signed 64-bit integer coding
+
+
+def record_digest(record: VpcRecord) -> int:
+    """A 63-bit digest of one flow record (its every field)."""
+    digest = hashlib.blake2b(ascii(record).encode("ascii"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % DIGEST_MODULUS
 
 
 def traffic_keys(record: VpcRecord, matcher: SubnetMatcher
                  ) -> list[tuple[TrafficKey, TrafficCounts]]:
     """The (key, counts) a flow record adds to ``subnet_traffic``: none, one or two."""
     minute_s = record.start // MINUTE_S * MINUTE_S
-    counts = TrafficCounts(1, record.packets, record.bytes)
+    counts = TrafficCounts(1, record.packets, record.bytes, record_digest(record))
     found = []
     for direction, address in ((OUTBOUND, record.srcaddr), (INBOUND, record.dstaddr)):
         subnet = matcher.match(address)
@@ -57,23 +70,28 @@ def traffic_keys(record: VpcRecord, matcher: SubnetMatcher
     return found
 
 
-def add_counts(counts: Iterable[tuple[int, int, int]]) -> TrafficCounts:
-    """The sum of several (flows, packets, bytes) of one key (Beam's combine function)."""
-    flows = packets = octets = 0
-    for more_flows, more_packets, more_bytes in counts:
+def add_counts(counts: Iterable[tuple[int, int, int, int]]) -> TrafficCounts:
+    """The sum of several (flows, packets, bytes, digest) of one key (Beam's combine
+    function; digests add modulo 2**63, so the order of records does not matter)."""
+    flows = packets = octets = digest = 0
+    for more_flows, more_packets, more_bytes, more_digest in counts:
         flows, packets, octets = flows + more_flows, packets + more_packets, octets + more_bytes
-    return TrafficCounts(flows, packets, octets)
+        digest = (digest + more_digest) % DIGEST_MODULUS
+    return TrafficCounts(flows, packets, octets, digest)
 
 
 def _row_id(*parts: object) -> str:
     return hashlib.blake2b(ascii(parts).encode("ascii"), digest_size=16).hexdigest()
 
 
-def traffic_row(key: TrafficKey, counts: TrafficCounts, part: str = "") -> dict[str, Any]:
-    """A ``subnet_traffic`` row. ``part`` tells apart the rows a streaming job writes for the
-    same key (one per arrival window), so that their ids differ."""
+def traffic_row(key: TrafficKey, counts: TrafficCounts) -> dict[str, Any]:
+    """A ``subnet_traffic`` row. Its id is the key's and the counted records' (their digest):
+    a re-run over the same records writes the same ids (a BigQuery MERGE keeps one row),
+    while other records of the same key (a streaming job's next arrival minute, a resumed
+    back-fill, another file of the same minutes) make rows of their own, which ``SUM``
+    adds up."""
     return {
-        "id": _row_id(tuple(key), part),
+        "id": _row_id(tuple(key), counts.digest),
         "minute": timestamp(key.minute_s * SECOND_US),
         "subnet": key.subnet,
         "subnet_name": key.subnet_name,
