@@ -3,8 +3,10 @@
 The template launcher runs this file with the template's parameters as ``--name=value``
 flags (plus Dataflow's own: ``--runner``, ``--project``, ``--region``, ``--temp_location``...).
 It runs the installed ``pipelines.<TEMPLATE_PIPELINE>`` (the image's pipeline, set by
-the Dockerfile's ``PIPELINE``), so a new pipeline's template needs only its ``metadata.json``;
-and it makes sure the workers run the image the launcher runs (``launch_argv``).
+the Dockerfile's ``PIPELINE``: a template spec cannot set the launcher's environment, and a
+parameter naming the pipeline would be one more thing to get wrong at every launch), so a new
+pipeline's template needs only its ``metadata.json``; and it makes sure the workers run the
+image the launcher runs (``launch_argv``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """The Dataflow flex templates (``templates/``), checked without Docker or a cloud.
 
-- Every ``templates/<pipeline>/metadata.json`` parses as Dataflow parses it, and its parameters
-  are exactly the pipeline's flowbeam options: a new option fails here until its parameter is
-  added, an option the pipeline cannot run without is a non-optional parameter.
+- Every pipeline has a ``templates/<pipeline>/metadata.json``; it parses as Dataflow parses it,
+  and its parameters are exactly the pipeline's flowbeam options (but those ``NOT_PARAMETERS``
+  leaves out, with why): a new option fails here until its parameter is added, an option the
+  pipeline cannot run without is a non-optional parameter, a switch is a true/false parameter.
+- A streaming template's launch writes a streaming job; the image's AWS profile trades the
+  job's Google identity for an AWS role's credentials (stand-in metadata server and STS).
 - The image's install step is replayed: flowbeam's wheel and the locked requirements into a
   fresh Python 3.11 virtual environment (``--no-deps``, then ``pip check``, as the Dockerfile
   does). From a directory outside the repository, the template's entry file gives the same rows
@@ -22,21 +25,27 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
 
+import boto3
 import pyarrow.parquet as pq
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
-from google.cloud.dataflow_v1beta3.types import TemplateMetadata
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from google.cloud.dataflow_v1beta3.types import ParameterType, TemplateMetadata
 
 import pipelines
 from flowbeam.synthetic import write_capture
+from pipelines import pubsub_flows
 from pipelines.options import OptionsError, bigquery_insert_mode, resolve_bigquery_config
 from pipelines.pcap_flows import run
 from tests import test_gcs_input
-from tests.local_servers import server_unavailable
+from tests.local_servers import free_port, server_unavailable
 from transforms.bigquery_config import BigQueryConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,16 +53,17 @@ TEMPLATES = ROOT / "templates"
 METADATA_FILES = sorted(TEMPLATES.glob("*/metadata.json"))
 PIPELINES = [path.parent.name for path in METADATA_FILES]
 IMAGE_PYTHON = "3.11"
-# Pipelines whose template is still to come, and why: a new pipeline must be here or have its
-# templates/<pipeline>/metadata.json.
-NO_TEMPLATE_YET = {
-    "pubsub_flows": "streaming; its options are still changing",
-    "vpc_flows": "its boolean flags (--log_denied) need a value form to be template parameters",
+# Options of a pipeline that are deliberately no parameter of its template, and why.
+NOT_PARAMETERS = {
+    "pubsub_flows": {"sensor": "refused by the pipeline: every batch names its sensor"},
+    "vpc_flows": {
+        "sensor": "refused by the pipeline: a flow is scoped by its network interface",
+        "byte_accounting": "not used by the pipeline: flow logs report IP bytes only",
+    },
 }
 RUNNER = "--runner=FnApiRunner"
 
-# A valid value for every flowbeam option, to find which ones a pipeline cannot run without
-# (each must also satisfy its parameter's regexes). A new option needs an example here.
+# A valid value for every parameter (each must satisfy its parameter's regexes).
 EXAMPLES = {
     "input": "gs://captures/2026/11/*/*.pcap",
     "output": "gs://flows/out/",
@@ -70,33 +80,105 @@ EXAMPLES = {
     "byte_accounting": "frame",
     "flow_shards": "64",
     "sensor": "tap-1",
+    "subscription": "projects/my-project/subscriptions/flowbeam-packets",
+    "output_every": "30",
+    "kinesis_stream": "vpc-flow-logs",
+    "kinesis_endpoint": "http://127.0.0.1:4567",
+    "aws_region": "eu-west-1",
+    "start_position": "at_timestamp:2026-11-30T00:00:00Z",
+    "kinesis_stop_at_latest": "false",
+    "log_format": "${version} ${account-id} ${interface-id} ${srcaddr} ${dstaddr} ${srcport} "
+                  "${dstport} ${protocol} ${packets} ${bytes} ${start} ${end} ${action} "
+                  "${log-status}",
+    "subnets_from_ec2": "true",
+    "subnets_file": "gs://config/subnets.csv",
+    "ec2_endpoint": "http://127.0.0.1:4568",
+    "subnet_refresh_s": "600",
+    "log_denied": "true",
+    "split_mb": "32",
+    "kinesis_resume_after": '{"shardId-000000000000": '
+                            '"49590338271490256608559692538361571095921575989136588898"}',
 }
 # Checked separately: its example would need a real private key.
 NEEDS_A_REAL_FILE = {"service_account_key_file"}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A launch of a template that must be accepted: the parameters given (their EXAMPLES,
+    unless ``values`` has another) and whether the pipeline then runs as a streaming job."""
+
+    names: frozenset[str]
+    streaming: bool = False
+    values: tuple[tuple[str, str], ...] = ()
+
+    def argv(self, without: str = "") -> list[str]:
+        values = {**EXAMPLES, **dict(self.values)}
+        return [f"--{name}={values[name]}" for name in sorted(self.names)
+                if name != without and name not in NEEDS_A_REAL_FILE]
+
+    def value(self, name: str) -> str:
+        return dict(self.values).get(name, EXAMPLES[name])
+
+
+SINKS = frozenset({"output", "output_table", "bq_project", "bq_dataset", "bq_table",
+                   "bq_write_method", "bq_insert_mode", "bq_endpoint",
+                   "service_account_key_file"})
+FLOWS = frozenset({"idle_timeout", "active_timeout", "flow_shards"})
+APPEND = (("bq_insert_mode", "append"),)
+# Launches of each template that together give every parameter a value: a parameter is one
+# the pipeline needs when every launch has it and each refuses to run without it.
+LAUNCHES = {
+    "pcap_flows": [Launch(SINKS | FLOWS | {"input", "split_mb", "byte_accounting", "sensor"})],
+    "pubsub_flows": [Launch(SINKS | FLOWS | {"subscription", "output_every", "byte_accounting"},
+                            streaming=True, values=APPEND)],
+    "vpc_flows": [
+        Launch(SINKS | FLOWS | {"input", "log_format", "subnets_file", "log_denied"},
+               values=(("input", "s3://logs/AWSLogs/*/vpcflowlogs/*/2026/11/*/*.log.gz"),)),
+        Launch(SINKS | FLOWS | {"kinesis_stream", "aws_region", "start_position",
+                                "kinesis_stop_at_latest", "kinesis_endpoint",
+                                "subnets_from_ec2", "ec2_endpoint", "subnet_refresh_s",
+                                "output_every"}, streaming=True, values=APPEND),
+        # A back-fill: a bounded read of the stream, so a batch job that merges.
+        Launch(SINKS | FLOWS | {"kinesis_stream", "aws_region", "kinesis_stop_at_latest",
+                                "kinesis_resume_after"},
+               values=(("kinesis_stop_at_latest", "true"), ("start_position", "trim_horizon"))),
+    ],
+}
 
 
 # --- metadata.json ------------------------------------------------------------------------------
 
 
 def metadata(pipeline: str) -> TemplateMetadata:
+    """The template's metadata, parsed as strictly as Dataflow does: an unknown or misspelled
+    field fails here rather than at ``gcloud dataflow flex-template build``."""
     text = (TEMPLATES / pipeline / "metadata.json").read_text()
     return TemplateMetadata.from_json(text, ignore_unknown_fields=False)
 
 
-def pipeline_option_names(module: ModuleType) -> set[str]:
-    """The flowbeam options of a pipeline: those of every PipelineOptions class of flowbeam's
-    the pipeline module defines or imports (its own, and the shared ones it registers)."""
+def option_parser(module: ModuleType) -> argparse.ArgumentParser:
+    """A parser of the flowbeam options of a pipeline: those of every PipelineOptions class of
+    flowbeam's the pipeline module defines or imports (its own, and the shared ones it
+    registers)."""
     parser = argparse.ArgumentParser()
     for value in vars(module).values():
         if (isinstance(value, type) and issubclass(value, PipelineOptions)
                 and value.__module__.startswith("pipelines.")):
             value._add_argparse_args(parser)
-    return {action.dest for action in parser._actions if action.dest != "help"}
+    return parser
 
 
-def refuses_to_run(module: ModuleType, argv: list[str]) -> bool:
-    """Whether the pipeline's option checks (those ``run`` makes first) reject ``argv``."""
+def pipeline_option_names(module: ModuleType) -> set[str]:
+    """The names (``dest``) of the flowbeam options of a pipeline."""
+    return {action.dest for action in option_parser(module)._actions if action.dest != "help"}
+
+
+def refuses_to_run(module: ModuleType, argv: list[str], streaming: bool) -> bool:
+    """Whether the pipeline's option checks (those ``run`` makes first, in the mode ``run``
+    gives the job) reject ``argv``."""
     options = PipelineOptions(argv)
+    options.view_as(StandardOptions).streaming = streaming
     try:
         bigquery = resolve_bigquery_config(options)
         if bigquery is not None:
@@ -120,16 +202,19 @@ def test_every_pipeline_has_a_template():
     found = sorted(module.__name__.removeprefix("pipelines.") for module in modules
                    if callable(getattr(module, "build", None))
                    and callable(getattr(module, "main", None)))
-    assert sorted([*PIPELINES, *NO_TEMPLATE_YET]) == found
+    assert found == PIPELINES
+    assert sorted(LAUNCHES) == found
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES)
 def test_parameters_are_exactly_the_pipeline_options(pipeline):
     parameters = [parameter.name for parameter in metadata(pipeline).parameters]
     options = pipeline_option_names(importlib.import_module(f"pipelines.{pipeline}"))
+    left_out = set(NOT_PARAMETERS.get(pipeline, {}))
+    assert left_out <= options, "NOT_PARAMETERS names an option the pipeline no longer has"
     assert len(parameters) == len(set(parameters)), "a parameter is listed twice"
-    assert sorted(set(parameters) - options) == [], "parameters that are not options"
-    assert sorted(options - set(parameters)) == [], "options missing from metadata.json"
+    assert sorted(set(parameters) - (options - left_out)) == [], "parameters that are no options"
+    assert sorted(options - left_out - set(parameters)) == [], "options missing from metadata.json"
     for parameter in metadata(pipeline).parameters:
         assert parameter.label and parameter.help_text and parameter.regexes, parameter.name
 
@@ -138,19 +223,39 @@ def test_parameters_are_exactly_the_pipeline_options(pipeline):
 def test_the_options_a_pipeline_needs_are_the_non_optional_parameters(pipeline, clean_env):
     module = importlib.import_module(f"pipelines.{pipeline}")
     parameters = {parameter.name: parameter for parameter in metadata(pipeline).parameters}
-    missing = sorted(set(parameters) - set(EXAMPLES))
-    assert missing == [], f"give an example value for {missing} in EXAMPLES"
-    for name, parameter in parameters.items():
-        for regex in parameter.regexes:
-            assert re.fullmatch(regex, EXAMPLES[name]), (name, regex)
-    given = {name: EXAMPLES[name] for name in parameters if name not in NEEDS_A_REAL_FILE}
-    argv = [f"--{name}={value}" for name, value in given.items()]
-    assert not refuses_to_run(module, argv)
-    needed = sorted(name for name in given
-                    if refuses_to_run(module, [arg for arg in argv
-                                               if not arg.startswith(f"--{name}=")]))
+    launches = LAUNCHES[pipeline]
+    unused = sorted(set(parameters) - set().union(*(launch.names for launch in launches)))
+    assert unused == [], f"give {unused} a value in a launch of LAUNCHES[{pipeline!r}]"
+    for launch in launches:
+        assert launch.names <= set(parameters), sorted(launch.names - set(parameters))
+        for name in launch.names:
+            for regex in parameters[name].regexes:
+                assert re.fullmatch(regex, launch.value(name)), (name, regex)
+        assert not refuses_to_run(module, launch.argv(), launch.streaming), launch
+    needed = sorted(name for name in parameters if name not in NEEDS_A_REAL_FILE
+                    and all(name in launch.names
+                            and refuses_to_run(module, launch.argv(without=name),
+                                               launch.streaming)
+                            for launch in launches))
     non_optional = sorted(name for name, p in parameters.items() if not p.is_optional)
     assert needed == non_optional
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_the_switches_are_true_false_parameters(pipeline, clean_env):
+    """A template passes every parameter as ``--name=value``: a switch (an option whose
+    default is a bool) is a BOOLEAN parameter of true or false, and the pipeline reads both."""
+    parser = option_parser(importlib.import_module(f"pipelines.{pipeline}"))
+    switches = sorted(action.dest for action in parser._actions
+                      if isinstance(action.default, bool))
+    parameters = {parameter.name: parameter for parameter in metadata(pipeline).parameters}
+    booleans = sorted(name for name, parameter in parameters.items()
+                      if parameter.param_type == ParameterType.BOOLEAN)
+    assert booleans == [name for name in switches if name in parameters]
+    for name in booleans:
+        assert list(parameters[name].regexes) == ["^(true|false)$"], name
+        for text, meant in (("true", True), ("false", False)):
+            assert getattr(parser.parse_args([f"--{name}={text}"]), name) is meant, (name, text)
 
 
 def load_entry_file() -> ModuleType:
@@ -200,9 +305,11 @@ def test_the_dockerfile_is_launcher_and_worker_and_installs_the_lock_only():
     beam_version = re.search(r"^ARG BEAM_VERSION=(\S+)$", text, re.M)[1]
     assert "/opt/google/dataflow/python_template_launcher" in text
     assert "ENV FLEX_TEMPLATE_PYTHON_PY_FILE=/template/main.py" in text
-    assert "ARG PIPELINE=pcap_flows\nENV TEMPLATE_PIPELINE=${PIPELINE}\n" in text
-    assert "ENV TEMPLATE_SDK_CONTAINER_IMAGE=${IMAGE}" in text
-    assert text.rstrip().endswith('ENTRYPOINT ["/opt/apache/beam/boot"]')
+    # The pipeline and the image's name are the last layers: every other one is shared.
+    assert text.rstrip().endswith(
+        "ARG PIPELINE\nENV TEMPLATE_PIPELINE=${PIPELINE}\n"
+        "ARG IMAGE\nENV TEMPLATE_SDK_CONTAINER_IMAGE=${IMAGE}\n\n"
+        'ENTRYPOINT ["/opt/apache/beam/boot"]')
     # The step image_venv replays:
     assert ("RUN pip install --no-cache-dir --no-deps -r requirements.lock "
             "dist/flowbeam-*.whl && pip check") in text
@@ -341,3 +448,131 @@ def test_the_entry_file_gives_the_rows_of_the_source_tree(image_venv, capture, s
     assert "flows                    60" in summary
     assert parquet_rows(tmp_path / "out") == source_tree_rows
     assert len(source_tree_rows) == 60
+
+
+# --- AWS credentials of a job (templates/aws_credentials.py) ------------------------------------
+
+
+def write_aws_profile(directory: Path, **build_args: str) -> Path:
+    """Replay the Dockerfile's AWS profile step with ``build_args``, in ``directory`` instead
+    of /template (the credential helper copied there); returns the AWS_CONFIG_FILE it sets."""
+    step = re.search(r'^RUN (if \[ -n "\$AWS_ROLE_ARN" \].*?fi)$', dockerfile(), re.M | re.S)[1]
+    assert "ENV AWS_CONFIG_FILE=/template/aws_config" in dockerfile()
+    assert re.search(r"^ARG AWS_AUDIENCE=flowbeam$", dockerfile(), re.M)
+    shutil.copy(TEMPLATES / "aws_credentials.py", directory / "aws_credentials.py")
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "AWS_AUDIENCE": "flowbeam",
+           **build_args}
+    subprocess.run(["sh", "-c", step.replace("/template/", f"{directory}/")], env=env,
+                   check=True)
+    return directory / "aws_config"
+
+
+STS_ANSWER = """<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+  <AssumeRoleWithWebIdentityResult>
+    <Credentials>
+      <AccessKeyId>ASIAFLOWBEAMTEST</AccessKeyId>
+      <SecretAccessKey>not-a-real-secret</SecretAccessKey>
+      <SessionToken>session-token</SessionToken>
+      <Expiration>2099-12-01T12:00:00Z</Expiration>
+    </Credentials>
+    <SubjectFromWebIdentityToken>104200000000000000001</SubjectFromWebIdentityToken>
+    <AssumedRoleUser>
+      <Arn>arn:aws:sts::123456789012:assumed-role/flowbeam-dataflow/flowbeam-dataflow</Arn>
+      <AssumedRoleId>AROAFLOWBEAM:flowbeam-dataflow</AssumedRoleId>
+    </AssumedRoleUser>
+  </AssumeRoleWithWebIdentityResult>
+  <ResponseMetadata><RequestId>flowbeam-test</RequestId></ResponseMetadata>
+</AssumeRoleWithWebIdentityResponse>"""
+
+
+@pytest.fixture
+def google_and_sts(monkeypatch, tmp_path):
+    """A metadata server that signs 'google-id-token' and an STS that trades it for fixed
+    credentials, on 127.0.0.1; the requests they got; no other AWS configuration."""
+    seen: dict[str, object] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # the metadata server
+            seen["identity"] = (self.path, self.headers.get("Metadata-Flavor"))
+            self._answer(b"google-id-token", "application/text")
+
+        def do_POST(self):  # STS
+            body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+            seen["sts"] = (urllib.parse.parse_qs(body), self.headers.get("Authorization"))
+            self._answer(STS_ANSWER.encode(), "text/xml")
+
+        def _answer(self, body: bytes, content_type: str) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("GCE_METADATA_HOST", f"127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", f"http://127.0.0.1:{server.server_port}")
+    yield seen
+    server.shutdown()
+    thread.join()
+
+
+def test_without_a_role_the_image_has_no_aws_profile(tmp_path):
+    assert not write_aws_profile(tmp_path, AWS_ROLE_ARN="").exists()
+
+
+def test_boto3_trades_the_job_identity_for_the_role_credentials(google_and_sts, tmp_path,
+                                                                 monkeypatch):
+    role = "arn:aws:iam::123456789012:role/flowbeam-dataflow"
+    config = write_aws_profile(tmp_path, AWS_ROLE_ARN=role)
+    assert config.read_text() == (f"[default]\ncredential_process = {sys.executable} "
+                                  f"{tmp_path}/aws_credentials.py {role} flowbeam\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    credentials = boto3.session.Session().get_credentials().get_frozen_credentials()
+    assert (credentials.access_key, credentials.secret_key, credentials.token) == (
+        "ASIAFLOWBEAMTEST", "not-a-real-secret", "session-token")
+    path, flavor = google_and_sts["identity"]
+    assert flavor == "Google"
+    assert path == ("/computeMetadata/v1/instance/service-accounts/default/identity"
+                    "?audience=flowbeam&format=full")
+    form, authorization = google_and_sts["sts"]
+    assert form["Action"] == ["AssumeRoleWithWebIdentity"]
+    assert form["RoleArn"] == [role]
+    assert form["WebIdentityToken"] == ["google-id-token"]
+    assert authorization is None  # unsigned: the job has no AWS credential to sign with
+
+
+def test_the_credential_helper_fails_in_one_line(google_and_sts, monkeypatch):
+    monkeypatch.setenv("GCE_METADATA_HOST", f"127.0.0.1:{free_port()}")
+    done = subprocess.run([sys.executable, str(TEMPLATES / "aws_credentials.py"),
+                           "arn:aws:iam::123456789012:role/r", "flowbeam"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.startswith("flowbeam: no Google ID token from the metadata server: ")
+    assert done.stderr.count("\n") == 1
+
+
+def test_a_pubsub_template_launch_writes_a_streaming_job(gcs, tmp_path, capsys):
+    """The streaming template needs no ``streaming`` parameter: the pipeline makes its job a
+    streaming one itself, and the launch returns once the job graph is written."""
+    job_file = tmp_path / "job.json"
+    code = pubsub_flows.run([
+        "--subscription=projects/my-project/subscriptions/flowbeam-packets",
+        "--output=gs://captures/flows/", "--runner=DataflowRunner", "--project=my-project",
+        "--region=europe-west1", "--temp_location=gs://captures/tmp",
+        "--staging_location=gs://captures/staging", f"--template_location={job_file}",
+        "--sdk_location=container"])
+    assert code == 0
+    assert capsys.readouterr().out == (
+        "flowbeam: job graph written to --template_location; Dataflow runs the job\n")
+    assert json.loads(job_file.read_text())["type"] == "JOB_TYPE_STREAMING"
