@@ -76,6 +76,8 @@ DecodeCaptures/CaptureDeadLetters
 BuildFlows
 BuildFlows/ShardFragments
 BuildFlows/MergeFragments
+BuildFlows/MergeFragments/GroupByShard
+BuildFlows/MergeFragments/MergeShard
 StartupDeadLetters
 StartupDeadLetters/Impulse
 StartupDeadLetters/FlatMap(<lambda at core.py:4094>)

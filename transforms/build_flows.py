@@ -9,10 +9,11 @@ keeps state and decides *when* to call it:
   earliest time at which a row of the shard can be final; the shard's ``OpenFlows`` (its
   flows, each with its due time) emits what is final at that time, running the rules only on
   the flows that are due or got fragments; a drain emits the flows still open as forced ends;
-- batch (here): the watermark jumps to infinity once all input is read, so every timer fires
-  once, at the end (see FIELD-NOTES); the shard then emits everything (open flows as forced
-  ends when their input ended while they were active). One bag read per shard is all batch
-  needs, so batch keeps the plain bag: no index to build and write back.
+- batch (here): no row is final before all input is read (the watermark jumps to infinity
+  only then, see FIELD-NOTES), so batch groups each shard's fragments (one GroupByKey) and
+  emits everything at once (open flows as forced ends when their input ended while they were
+  active): no state and no timers, whose per-shard bookkeeping on the local runner (the state
+  cache sizes every value it holds, ~3 ms a call) cost more than the rules themselves.
 
 Why shards and not one state cell per flow key: a stateful element costs ~90 us on the
 in-process runners (state and timer bookkeeping), so a state cell per flow would cap a local
@@ -20,23 +21,18 @@ run at ~11k flows/s. Decoders hand over fragments in batches; ``_ShardFragmentsF
 batch into one list per shard, so elements into the shuffle scale with (batches x shards)
 while each shard's state still only holds its own open flows.
 
-State values are pickled by the DoFn itself and stored as opaque bytes: the SDK's state cache
-measures every cached value with ``objsize``, which walks a list of fragments object by object
-(it dominated a profile of a 100k-flow run) but sizes a bytes value at once.
+Streaming state values are pickled by the DoFn itself and stored as opaque bytes: the SDK's
+state cache measures every cached value with ``objsize``, which walks a list of fragments
+object by object (it dominated a profile of a 100k-flow run) but sizes a bytes value at once.
 """
 
 from __future__ import annotations
 
-import pickle
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
-from apache_beam.coders import coders
-from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import BagStateSpec, TimerSpec, on_timer
-from apache_beam.utils.timestamp import Timestamp
 
 from flowbeam.flows.engine import advance
 from flowbeam.flows.fragment import Fragment
@@ -72,11 +68,8 @@ class _ShardFragmentsFn(beam.DoFn):
         yield from by_shard.items()
 
 
-class _MergeFragmentsFn(beam.DoFn):
-    """Batch, per shard: keep fragments until the input ends, then emit every row."""
-
-    PENDING = BagStateSpec("pending", coders.BytesCoder())
-    CLOSE = TimerSpec("close", TimeDomain.WATERMARK)
+class _MergeShardFn(beam.DoFn):
+    """Batch, per shard: all of the shard's fragments (grouped by key), every row out."""
 
     def __init__(self, idle_us: int, active_us: int, source: str) -> None:
         self._idle_us = idle_us
@@ -85,32 +78,33 @@ class _MergeFragmentsFn(beam.DoFn):
         self._rows = counters.counter(counters.FLOW_ROWS)
         self._fragments = counters.counter(counters.FRAGMENTS)
 
-    def process(
-        self,
-        element: tuple[int, list[Fragment]],
-        pending=beam.DoFn.StateParam(PENDING),
-        close=beam.DoFn.TimerParam(CLOSE),
-    ) -> None:
-        _, fragments = element
-        self._fragments.inc(len(fragments))
-        pending.add(pickle.dumps(fragments, protocol=pickle.HIGHEST_PROTOCOL))
-        # The timer fires once, after all input, whatever its time: no earliest-time
-        # bookkeeping in state (it would cost two state-cache writes per element).
-        close.set(Timestamp(micros=min(
-            min(f.last_us + self._idle_us, f.first_us + self._active_us) for f in fragments)))
-
-    @on_timer(CLOSE)
-    def close_flows(self, pending=beam.DoFn.StateParam(PENDING)) -> Iterator[dict]:
+    def process(self, shard: tuple[int, Iterable[list[Fragment]]]) -> Iterator[dict]:
         fragments: dict[tuple, list[Fragment]] = defaultdict(list)
-        for blob in pending.read():
-            for fragment in pickle.loads(blob):
+        count = 0
+        for batch in shard[1]:
+            count += len(batch)
+            for fragment in batch:
                 fragments[fragment.key].append(fragment)
-        pending.clear()
+        self._fragments.inc(count)
         for key_fragments in fragments.values():
             rows = advance(key_fragments, self._idle_us, self._active_us, None)[0]
             for row in rows:
                 yield to_flow_record(row, self._source)
             self._rows.inc(len(rows))
+
+
+class _MergeShards(beam.PTransform):
+    """Batch: a GroupByKey per shard, then the rules over each shard's fragments. The input
+    ends before any row can be final, so batch needs no state and no timer: one shuffle."""
+
+    def __init__(self, idle_us: int, active_us: int, source: str) -> None:
+        super().__init__()
+        self._merge = _MergeShardFn(idle_us, active_us, source)
+
+    def expand(self, sharded: beam.PCollection) -> beam.PCollection:
+        return (sharded
+                | "GroupByShard" >> beam.GroupByKey()
+                | "MergeShard" >> beam.ParDo(self._merge).with_output_types(FlowRecord))
 
 
 class BuildFlows(beam.PTransform):
@@ -141,9 +135,9 @@ class BuildFlows(beam.PTransform):
             fragment_batches
             | "ShardFragments" >> beam.ParDo(_ShardFragmentsFn(self._shards))
             .with_output_types(tuple[int, list])
-            | "MergeFragments" >> beam.ParDo(
-                _MergeFragmentsFn(self._idle_us, self._active_us, self._source)
+            | "MergeFragments" >> (
+                _MergeShards(self._idle_us, self._active_us, self._source)
                 if fragment_batches.is_bounded
-                else StreamingMergeFn(self._idle_us, self._active_us, self._source))
-            .with_output_types(FlowRecord)
+                else beam.ParDo(StreamingMergeFn(self._idle_us, self._active_us, self._source))
+                .with_output_types(FlowRecord))
         )
