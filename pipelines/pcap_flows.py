@@ -20,6 +20,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from flowbeam.env_options import env_default, unknown_environment
 from pipelines.options import (
     USAGE_ERROR,
     BigQueryOptions,
@@ -31,13 +32,11 @@ from pipelines.options import (
     bigquery_insert_mode,
     check_inputs,
     default_runner,
-    env_default,
     flow_config,
     input_patterns,
     invoked_as,
     print_help,
     resolve_bigquery_config,
-    unknown_environment,
     unknown_flags,
 )
 from pipelines.summary import RunSummary, summarize

@@ -27,6 +27,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from flowbeam.agent.batch_format import TIMESTAMP_ATTRIBUTE
+from flowbeam.env_options import env_default
 from pipelines.options import (
     USAGE_ERROR,
     BigQueryOptions,
@@ -37,7 +38,6 @@ from pipelines.options import (
     StreamingSinkOptions,
     bigquery_insert_mode,
     default_runner,
-    env_default,
     flow_config,
     output_every_s,
     print_help,

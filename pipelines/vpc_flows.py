@@ -30,6 +30,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from flowbeam.env_options import unknown_environment
 from flowbeam.vpc.fragments import to_fragment
 from flowbeam.vpc.schemas import DENIED_FLOWS, EXTRA_TABLES, SUBNET_TRAFFIC
 from flowbeam.vpc.subnets import Subnet, SubnetsError
@@ -48,7 +49,6 @@ from pipelines.options import (
     local_streaming,
     print_help,
     resolve_bigquery_config,
-    unknown_environment,
     unknown_flags,
 )
 from pipelines.summary import LABEL_WIDTH, counter_values

@@ -14,13 +14,12 @@ from typing import Any
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from flowbeam.env_options import add_switch, env_default
 from flowbeam.kinesis_shards import parse_start_position
 from flowbeam.vpc.fields import DEFAULT_FORMAT, FormatError, parse_format
 from pipelines.options import (
     FlowConfig,
     OptionsError,
-    add_switch,
-    env_default,
     flow_config,
     input_patterns,
     output_every_s,

@@ -103,7 +103,7 @@ def test_a_misspelled_environment_variable_is_named_with_a_suggestion(sample, tm
     done = flowbeam("pcap", "--input", str(path), "--output", str(tmp_path),
                     env={"FLOWBEAM_IDLE_TIMOUT": "5"})
     assert done.returncode == 0
-    assert done.stderr == ("flowbeam: warning: FLOWBEAM_IDLE_TIMOUT is no option of this pipeline "
+    assert done.stderr == ("flowbeam: warning: FLOWBEAM_IDLE_TIMOUT is no option of this command "
                            "(did you mean FLOWBEAM_IDLE_TIMEOUT?); it is ignored\n")
 
 

@@ -49,6 +49,7 @@ from flowbeam.agent.runner import AgentLoop, BatchSettings
 from flowbeam.agent.spool import Spool
 from flowbeam.capture.pcap import MAX_CAPLEN
 from flowbeam.capture.source import CaptureError
+from flowbeam.env_options import add_switch, env_default, unknown_environment
 
 USAGE_ERROR = 2
 # Google's naming rules: a project id (optionally domain-scoped), a topic name of 3-255
@@ -58,16 +59,6 @@ TOPIC_PATTERN = re.compile(
 LOG = logging.getLogger(__name__)
 
 
-def _env(name: str, default: object = None) -> object:
-    """The default of ``--name``: ``$FLOWBEAM_<NAME>`` when set (argparse converts it)."""
-    return os.environ.get(f"FLOWBEAM_{name.upper()}", default)
-
-
-def _env_flag(name: str) -> bool:
-    """A switch's default from the environment: on for 1, true or yes."""
-    return str(_env(name, "")).lower() in ("1", "true", "yes")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The options (see README, "Live capture"); each default may come from the environment."""
     parser = argparse.ArgumentParser(
@@ -75,40 +66,41 @@ def build_parser() -> argparse.ArgumentParser:
         description="Capture packets on an interface (or replay a capture file) and publish "
                     "them to Pub/Sub in batches. Every option also comes from FLOWBEAM_<NAME>.")
     add = parser.add_argument
-    add("--interface", default=_env("interface"), help="network interface to capture on")
-    add("--replay", default=_env("replay"),
+    add("--interface", default=env_default("interface"), help="network interface to capture on")
+    add("--replay", default=env_default("replay"),
         help="publish this capture file (pcap/pcapng, may be gzip'd) instead of capturing")
-    add("--topic", default=_env("topic"), help="Pub/Sub topic: projects/P/topics/T")
-    add("--sensor", default=_env("sensor", socket.gethostname()),
+    add("--topic", default=env_default("topic"), help="Pub/Sub topic: projects/P/topics/T")
+    add("--sensor", default=env_default("sensor", socket.gethostname()),
         help="name of this observation point, in every batch (default: the host name)")
-    add("--bpf", default=_env("bpf", ""), help="BPF capture filter expression (tcpdump syntax)")
-    add("--snaplen", type=int, default=_env("snaplen", 262144),
+    add("--bpf", default=env_default("bpf", ""),
+        help="BPF capture filter expression (tcpdump syntax)")
+    add("--snaplen", type=int, default=env_default("snaplen", 262144),
         help="bytes kept of each packet (default 262144: all of it)")
-    add("--buffer_bytes", type=int, default=_env("buffer_bytes", 32 << 20),
+    add("--buffer_bytes", type=int, default=env_default("buffer_bytes", 32 << 20),
         help="kernel capture buffer: packets wait here while the agent is busy (default 32 MiB)")
-    add("--batch_packets", type=int, default=_env("batch_packets", 10000),
+    add("--batch_packets", type=int, default=env_default("batch_packets", 10000),
         help="send a batch when it holds this many packets (default 10000)")
-    add("--batch_bytes", type=int, default=_env("batch_bytes", 1_000_000),
+    add("--batch_bytes", type=int, default=env_default("batch_bytes", 1_000_000),
         help=f"... or before it would exceed this many pcap bytes (default 1000000, "
              f"at most {MAX_BATCH_BYTES})")
-    add("--batch_seconds", type=float, default=_env("batch_seconds", 5.0),
+    add("--batch_seconds", type=float, default=env_default("batch_seconds", 5.0),
         help="... or when its first packet is this many seconds old (default 5)")
-    add("--speed", type=float, default=_env("speed"),
+    add("--speed", type=float, default=env_default("speed"),
         help="--replay only: X times real time (default: as fast as possible)")
-    add("--compression", choices=COMPRESSIONS, default=_env("compression", COMPRESSION_GZIP),
+    add("--compression", choices=COMPRESSIONS, default=env_default("compression", COMPRESSION_GZIP),
         help="batch data compression (default gzip)")
-    add("--spool", default=_env("spool"),
+    add("--spool", default=env_default("spool"),
         help="directory for batches Pub/Sub could not take yet (sent on recovery or restart)")
-    add("--spool_max_bytes", type=int, default=_env("spool_max_bytes", 1 << 30),
+    add("--spool_max_bytes", type=int, default=env_default("spool_max_bytes", 1 << 30),
         help="spool size bound (default 1 GiB); beyond it batches are counted as dropped")
-    add("--max_pending_bytes", type=int, default=_env("max_pending_bytes", 64 << 20),
+    add("--max_pending_bytes", type=int, default=env_default("max_pending_bytes", 64 << 20),
         help="memory bound for unsent batches (default 64 MiB); beyond it: spool or drop")
-    add("--drain_seconds", type=float, default=_env("drain_seconds", 10.0),
+    add("--drain_seconds", type=float, default=env_default("drain_seconds", 10.0),
         help="at the end, wait this long for unsent batches (default 10)")
-    add("--progress_seconds", type=float, default=_env("progress_seconds", 5.0),
+    add("--progress_seconds", type=float, default=env_default("progress_seconds", 5.0),
         help="print a progress line this often on stderr (default 5; 0: never)")
-    add("--include_own_traffic", action="store_true", default=_env_flag("include_own_traffic"),
-        help="do not exclude the agent's own traffic to the Pub/Sub endpoint from the capture")
+    add_switch(parser, "include_own_traffic",
+               "do not exclude the agent's own traffic to the Pub/Sub endpoint from the capture")
     return parser
 
 
@@ -187,6 +179,8 @@ def main(argv: Sequence[str]) -> int:
     if problem:
         print(f"flowbeam capture: error: {problem}", file=sys.stderr)
         return USAGE_ERROR
+    for warning in unknown_environment():
+        print(f"flowbeam capture: warning: {warning}", file=sys.stderr)
     stop = threading.Event()  # set early: a signal during start-up still ends with a summary
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, lambda *_: stop.set())
