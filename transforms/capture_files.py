@@ -42,6 +42,7 @@ from transforms.capture_ranges import (
     SettleRangesFn,
 )
 from transforms.dead_letters import DEAD_LETTER_TAG, dead_letter
+from transforms.file_matching import distinct_paths, open_spread
 from transforms.progress import PROGRESS
 
 LOG = logging.getLogger(__name__)
@@ -189,16 +190,8 @@ class DecodeCaptures(beam.PTransform):
                                            **range_options)
 
     def expand(self, patterns: beam.PCollection) -> dict[str, beam.PCollection]:
-        planned = (
-            patterns
-            | "MatchFiles" >> fileio.MatchAll(
-                empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
-            # A file matched by several patterns (a.pcap and *.pcap) is read once.
-            | "Paths" >> beam.Map(lambda metadata: metadata.path)
-            | "OncePerFile" >> beam.Distinct()
-            | "PlanRanges" >> beam.ParDo(PlanRangesFn(self._split_bytes)).with_outputs(
-                RANGES_TAG, main="whole")
-        )
+        planned = distinct_paths(patterns) | "PlanRanges" >> beam.ParDo(
+            PlanRangesFn(self._split_bytes)).with_outputs(RANGES_TAG, main="whole")
         whole = self._read_whole(planned.whole, "")
         ranges = (
             planned[RANGES_TAG]
@@ -225,10 +218,5 @@ class DecodeCaptures(beam.PTransform):
         }
 
     def _read_whole(self, paths: beam.PCollection, suffix: str) -> beam.pvalue.DoOutputsTuple:
-        return (
-            paths
-            | f"ReadMatches{suffix}" >> fileio.ReadMatches(skip_directories=True)
-            | f"Reshuffle{suffix}" >> beam.Reshuffle()
-            | f"DecodeFiles{suffix}" >> beam.ParDo(self._decode).with_outputs(
-                DEAD_LETTER_TAG, main="fragments")
-        )
+        return open_spread(paths, suffix) | f"DecodeFiles{suffix}" >> beam.ParDo(
+            self._decode).with_outputs(DEAD_LETTER_TAG, main="fragments")

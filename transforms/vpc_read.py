@@ -41,6 +41,7 @@ from flowbeam.vpc.envelopes import (
 from flowbeam.vpc.records import SKIPDATA, LineReader, RecordError
 from transforms import counters
 from transforms.dead_letters import DEAD_LETTER_TAG, dead_letter
+from transforms.file_matching import distinct_paths, open_spread
 
 EVENTS_TAG = "events"
 READ_STAGE = "read_vpc_file"
@@ -220,13 +221,7 @@ class ReadVpcFiles(beam.PTransform):
 
     def expand(self, patterns: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
         return (
-            patterns
-            | "MatchFiles" >> fileio.MatchAll(
-                empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
-            | "Paths" >> beam.Map(lambda metadata: metadata.path)
-            | "OncePerFile" >> beam.Distinct()
-            | "ReadMatches" >> fileio.ReadMatches(skip_directories=True)
-            | "Reshuffle" >> beam.Reshuffle()
+            open_spread(distinct_paths(patterns))
             | "ReadFiles" >> beam.ParDo(_ReadVpcFileFn(self._names)).with_outputs(
                 EVENTS_TAG, DEAD_LETTER_TAG, main="records")
         )
