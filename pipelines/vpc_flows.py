@@ -211,7 +211,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             ("VPC pipeline: flow log files and envelope files", InputOptions),
             ("VPC pipeline", VpcFlowsOptions), ("flows", FlowOptions),
             ("local sink", LocalSinkOptions),
-            ("streaming local sink", StreamingSinkOptions), ("BigQuery sink", BigQueryOptions)])
+            ("streaming local sink", StreamingSinkOptions), ("BigQuery sink", BigQueryOptions)],
+            omit=["--sensor", "--byte_accounting"])  # flows are scoped by ENI; IP bytes only
         return 0
     options = PipelineOptions(argv_list)
     try:
@@ -261,6 +262,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     result = pipeline.run()
     if not getattr(result, "has_job", True):  # a flex template launch: Dataflow runs the job
         print("flowbeam: job graph written to --template_location; Dataflow runs the job")
+        return 0
+    if config.streaming and options.view_as(StandardOptions).runner == "DataflowRunner":
+        # On Dataflow the job runs on until it is drained or cancelled.
+        print(f"flowbeam: streaming job {result.job_id()} submitted", file=sys.stderr)
         return 0
     if config.streaming:
         try:

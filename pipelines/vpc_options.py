@@ -179,6 +179,9 @@ def parse_config(options: PipelineOptions, to_bigquery: bool = False) -> VpcFlow
     if own.subnet_refresh_s <= 0:
         raise OptionsError(f"--subnet_refresh_s must be positive, got {own.subnet_refresh_s}")
     flows = flow_config(options, to_bigquery)
+    if flows.byte_accounting != "ip":
+        raise OptionsError("--byte_accounting frame is not an option of the VPC pipeline: flow "
+                           "logs count IP bytes only")
     if flows.sensor:
         raise OptionsError("--sensor is not an option of the VPC pipeline: each flow is "
                            "scoped by the network interface that logged it")

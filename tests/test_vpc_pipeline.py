@@ -216,6 +216,9 @@ def test_usage_errors(tmp_path, capsys):
     assert "--log_format: unknown field(s) in the log format: srcadr" in capsys.readouterr().err
     assert run(["--input", "x", "--output", str(tmp_path), "--sensor", "s1"]) == 2
     assert "--sensor is not an option of the VPC pipeline" in capsys.readouterr().err
+    assert run(["--input", "x", "--output", str(tmp_path), "--byte_accounting", "frame"]) == 2
+    assert ("--byte_accounting frame is not an option of the VPC pipeline: flow logs count IP "
+            "bytes only") in capsys.readouterr().err
     assert run(["--input", "x", "--output", str(tmp_path), "--subnets_file",
                 str(tmp_path / "none.csv")]) == 2
     assert "--subnets_file: cannot read it" in capsys.readouterr().err
@@ -235,6 +238,8 @@ def test_help_lists_the_vpc_options(capsys):
                  "--subnet_refresh_s", "--aws_region", "--log_denied", "--output",
                  "--output_table", "--idle_timeout"):
         assert flag in out
+    for refused in ("--sensor", "--byte_accounting"):
+        assert refused not in out
 
 
 def test_subnet_traffic_figures_are_also_beam_counters(vpc_inputs, tmp_path):
