@@ -102,16 +102,64 @@ class Rows(_Columns):
         return cls.join(parts) if parts else cls.empty()
 
 
+class KeySources:
+    """The key columns of a window's elements, left in their parts (open rows, then each
+    staged batch): concatenating five uint64 columns per packet only to read them at row
+    starts cost more than the whole reduction."""
+
+    def __init__(self, parts: list[Rows | Staged]) -> None:
+        self._parts = parts
+        self._offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def at(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        """The key columns at unsorted element indexes."""
+        order = np.argsort(index, kind="stable")
+        bounds = np.searchsorted(index[order], self._offsets).tolist()
+        out = {name: np.empty(len(index), np.uint64) for name in _KEY_FIELDS}
+        for part, offset, lo, hi in zip(self._parts, self._offsets.tolist(), bounds[:-1],
+                                        bounds[1:], strict=False):
+            if lo == hi:
+                continue
+            where, local = order[lo:hi], index[order[lo:hi]] - offset
+            for name in _KEY_FIELDS:
+                out[name][where] = getattr(part, name)[local]
+        return out
+
+    def runs_agree(self, perm: np.ndarray, run_starts: np.ndarray) -> bool:
+        """Whether every element has the key of its run's first element (runs are cut where
+        the hash bits change, in ``perm`` order): one pass over each part, reading the
+        few run keys from a table that stays in cache."""
+        run_of = np.empty(len(perm), np.int32)
+        run_id = np.zeros(len(perm), np.int32)
+        run_id[run_starts[1:]] = 1
+        run_of[perm] = np.cumsum(run_id, dtype=np.int32)
+        first = self.at(perm[run_starts])
+        wide = bool(first["a_hi"].any() or first["b_hi"].any())
+        for part, offset in zip(self._parts, self._offsets.tolist(), strict=False):
+            run = run_of[offset:offset + len(part)]
+            names = ["misc", "a_lo", "b_lo"]
+            if wide or part.a_hi.any() or part.b_hi.any():
+                names += ["a_hi", "b_hi"]
+            for name in names:
+                if (getattr(part, name) != first[name][run]).any():
+                    return False
+        return True
+
+    def concat(self) -> dict[str, np.ndarray]:
+        return {name: np.concatenate([getattr(p, name) for p in self._parts])
+                for name in _KEY_FIELDS}
+
+
 @dataclass
 class Elements:
     """A window's open rows and packets in (key, time) order, as the reduction needs them.
 
     Only time, bytes and flags go through the sort permutation (random access is what costs);
     per-side counts are derived from them in order and the few open rows patched in. Key
-    columns stay unsorted in ``keys`` and are read at row starts through ``perm``.
+    columns stay unsorted in their parts and are read at row starts through ``perm``.
     """
 
-    keys: dict[str, np.ndarray]  # _KEY_FIELDS, unsorted: open rows first, then packets
+    keys: KeySources  # unsorted: open rows first, then packets
     perm: np.ndarray  # sorted position -> unsorted index
     key_change: np.ndarray  # between sorted positions i and i + 1
     is_open: np.ndarray
@@ -133,9 +181,9 @@ class Elements:
         """One row per run of elements. A run is in (time, side) order and (outside slow
         keys) its elements do not overlap: the first has the smallest (time, side), the
         last the latest ``last_us``."""
-        source = self.perm[starts]
+        keys = self.keys.at(self.perm[starts])
         return Rows(
-            *(self.keys[name][source] for name in _KEY_FIELDS),
+            *(keys[name] for name in _KEY_FIELDS),
             self.t2[starts], self.last[np.append(starts[1:], len(self)) - 1],
             np.add.reduceat(self.a_pk, starts), np.add.reduceat(self.a_by, starts),
             np.add.reduceat(self.b_pk, starts), np.add.reduceat(self.b_by, starts),
@@ -147,9 +195,9 @@ def elements(open_rows: Rows, packets: list[Staged]) -> Elements:
     """Sort the open rows and the window's packets by (key, time)."""
     n_open = len(open_rows)
     parts = [open_rows, *packets]
-    keys = {name: np.concatenate([getattr(p, name) for p in parts]) for name in _KEY_FIELDS}
+    keys = KeySources(parts)
     t2 = np.concatenate([p.t2 for p in parts])
-    perm, key_change = _sort_by_key_and_time(keys, t2)
+    perm, key_change = _sort_by_key_and_time(keys, np.concatenate([p.hash for p in parts]), t2)
     t2 = t2[perm]
     nbytes = np.concatenate([np.zeros(n_open, np.int64)] + [p.nbytes for p in parts[1:]])[perm]
     flags = np.concatenate([np.zeros(n_open, np.uint8)] + [p.flags for p in parts[1:]])[perm]
@@ -233,29 +281,29 @@ def _hash(misc: np.ndarray, a_hi: np.ndarray, a_lo: np.ndarray, b_hi: np.ndarray
     return _mix(h)
 
 
-def _sort_by_key_and_time(keys: dict[str, np.ndarray],
+def _sort_by_key_and_time(keys: KeySources, hashes: np.ndarray,
                           t2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The order of elements by key, then (time, side), and where the key changes in it.
 
     One ``np.sort`` of uint64 does it: the high bits hold the key hash, the low bits the rank
     in time order (a stable argsort of nearly sorted times is cheap). Two keys sharing the
-    hash bits would interleave: ``_key_change`` finds that exactly, and ``np.lexsort`` then
+    hash bits would interleave: ``runs_agree`` finds that exactly, and ``np.lexsort`` then
     sorts on the key columns themselves.
     """
     n = len(t2)
     by_time = np.argsort(t2, kind="stable")
     bits = max(1, (n - 1).bit_length())
     low = np.uint64((1 << bits) - 1)
-    composite = (keys["hash"][by_time] & ~low) | np.arange(n, dtype=np.uint64)
+    composite = (hashes[by_time] & ~low) | np.arange(n, dtype=np.uint64)
     composite.sort()
     perm = by_time[(composite & low).astype(np.intp)]
     hash_change = (composite[1:] ^ composite[:-1]) > low
-    key_change = _key_change(keys, perm)
-    if (key_change & ~hash_change).any():
-        perm = np.lexsort((t2, keys["b_lo"], keys["a_lo"], keys["b_hi"], keys["a_hi"],
-                           keys["misc"]))
-        key_change = _key_change(keys, perm)
-    return perm, key_change
+    if keys.runs_agree(perm, np.flatnonzero(np.concatenate(([True], hash_change)))):
+        return perm, hash_change
+    columns = keys.concat()
+    perm = np.lexsort((t2, columns["b_lo"], columns["a_lo"], columns["b_hi"], columns["a_hi"],
+                       columns["misc"]))
+    return perm, _key_change(columns, perm)
 
 
 def _key_change(keys: dict[str, np.ndarray], perm: np.ndarray) -> np.ndarray:

@@ -163,7 +163,7 @@ class Window:
         lengths = ends - starts
         offsets = np.concatenate(([0], np.cumsum(lengths)))
         index = np.arange(offsets[-1]) + np.repeat(starts - offsets[:-1], lengths)
-        packed_keys = {name: column[e.perm[starts]] for name, column in e.keys.items()}
+        packed_keys = e.keys.at(e.perm[starts])
         # Rows are cut per key within this aggregator, whose scope is one: leave it empty here.
         keys = list(zip(*key_columns(packed_keys, ""), strict=True))
         count = int(offsets[-1])
