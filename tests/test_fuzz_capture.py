@@ -36,10 +36,12 @@ def test_mutations_are_reproducible_and_change_the_bytes():
     assert sum(data != seed.data for data in first) >= 45
 
 
-def test_a_few_seconds_of_fuzzing_find_nothing():
-    report = fuzz(SEEDS, count=10**9, seed=20261201, timeout_s=5.0, max_seconds=4.0)
+def test_five_hundred_fuzzed_captures_find_nothing():
+    # A fixed number of inputs, not a time budget: the test must not depend on the machine's
+    # speed or load (the long runs are benchmarks/fuzz_captures.py's job).
+    report = fuzz(SEEDS, count=500, seed=20261201, timeout_s=5.0)
     assert report.failures == []
-    assert report.inputs >= 500
+    assert report.inputs == 500
     # Every kind of outcome happens: the mutations reach past the file header.
     assert set(report.outcomes) == {"read", "damaged", "not a capture"}
     assert report.records == report.packets + report.skipped
