@@ -6,18 +6,9 @@ import random
 from dataclasses import fields
 
 import numpy as np
-import pyarrow as pa
 
-from flowbeam.flows.schema import arrow_schema, records_to_arrow
 from flowbeam.packets import aggregation_columns
 from flowbeam.packets.aggregation_columns import KeySources, Rows
-
-
-def test_records_to_arrow_matches_from_pylist_with_missing_and_extra_keys():
-    records = [{"id": "a", "src_port": 1, "unknown": 3}, {"id": "b", "vlan_id": None}, {}]
-    schema = arrow_schema()
-    assert records_to_arrow(records).equals(pa.Table.from_pylist(records, schema=schema))
-    assert records_to_arrow([]).schema.equals(schema, check_metadata=True)
 
 
 def test_key_sources_read_keys_across_parts_and_find_mixed_runs():

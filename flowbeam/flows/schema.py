@@ -110,11 +110,6 @@ def arrow_schema(columns: Sequence[Column] = FLOW_COLUMNS) -> pa.Schema:
 
 
 def records_to_arrow(records: list[dict], schema: pa.Schema | None = None) -> pa.Table:
-    """Flow records as one Arrow table, converted column by column (~0.3 s per 100,000 rows,
-    where building Parquet rows value by value costs several times more). Gathering each
-    column with ``dict.get`` first is ~20% cheaper than ``Table.from_pylist``, which looks
-    every key up in every record itself; a missing key is NULL in both."""
-    schema = schema or arrow_schema()
-    return pa.Table.from_arrays(
-        [pa.array([record.get(field.name) for record in records], type=field.type)
-         for field in schema], schema=schema)
+    """Flow records as one Arrow table, converted column-wise in one call (~0.3 s per 100,000
+    rows, where building Parquet rows value by value costs several times more)."""
+    return pa.Table.from_pylist(records, schema=schema or arrow_schema())
