@@ -32,7 +32,6 @@ from flowbeam.flows.fragment import Fragment
 from flowbeam.packets.to_fragments import PacketsToFragments
 from transforms import counters
 from transforms.capture_ranges import (
-    DEFAULT_SPLIT_MB,
     RANGES_TAG,
     SUMMARIES_TAG,
     WHOLE_TAG,
@@ -174,12 +173,12 @@ class DecodeCaptures(beam.PTransform):
 
     A capture bigger than ``split_mb`` MB (uncompressed, seekable) is decoded as byte ranges
     by several workers (``transforms.capture_ranges``) with the same result as one read;
-    ``split_mb <= 0`` reads every file whole.
+    ``split_mb <= 0`` (the default) reads every file whole.
     """
 
     def __init__(self, idle_timeout_s: float, active_timeout_s: float,
                  byte_accounting: str = "ip", sensor: str = "",
-                 split_mb: float = DEFAULT_SPLIT_MB, **range_options: int) -> None:
+                 split_mb: float = 0.0, **range_options: int) -> None:
         super().__init__()
         idle_us, active_us = round(idle_timeout_s * 1_000_000), round(active_timeout_s * 1_000_000)
         self._decode = _DecodeCaptureFileFn(idle_us, active_us, byte_accounting, sensor)

@@ -48,7 +48,6 @@ from transforms.dead_letters import DEAD_LETTER_TAG, dead_letter
 from transforms.progress import PROGRESS
 
 LOG = logging.getLogger(__name__)
-DEFAULT_SPLIT_MB = 64.0
 RANGES_TAG = "ranges"
 SUMMARIES_TAG = "summaries"
 WHOLE_TAG = "whole"
