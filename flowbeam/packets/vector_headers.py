@@ -28,7 +28,12 @@ from flowbeam.packets.ip_fragments import (
     FRAGMENT_KEY_DTYPE,
     FragmentPackets,
 )
-from flowbeam.packets.vector_gather import gather_records, read_only, take_records
+from flowbeam.packets.vector_gather import (
+    gather_records,
+    ip_columns,
+    read_only,
+    take_records,
+)
 from flowbeam.packets.vector_transport import PORT_BYTES, transport_columns
 
 # Chains deeper than this take the per-packet path: real chains have a few headers, and a
@@ -86,18 +91,8 @@ def decode_headers(
     proto, transport, end, later = (state.proto[keep], state.transport[keep], state.end[keep],
                                     state.later[keep])
     pos = idx[keep]
-    cols = {
-        "ts_us": batch.ts_us[pos],
-        "ip_version": np.where(is4, 4, 6).astype(np.uint8),
-        "protocol": proto.astype(np.uint8),
-        "src_hi": np.where(is4, 0, rec["src6hi"]).astype(np.uint64),
-        "src_lo": np.where(is4, rec["src4"], rec["src6lo"]).astype(np.uint64),
-        "dst_hi": np.where(is4, 0, rec["dst6hi"]).astype(np.uint64),
-        "dst_lo": np.where(is4, rec["dst4"], rec["dst6lo"]).astype(np.uint64),
-        "vlan_id": vlan,
-        "ip_bytes": np.where(is4, rec["len4"], rec["plen6"].astype(np.int64) + 40),
-        "frame_bytes": batch.wirelen[pos].astype(np.int64),
-    }
+    cols = ip_columns(batch, pos, rec, is4, proto, vlan,
+                      np.where(is4, rec["len4"], rec["plen6"].astype(np.int64) + 40))
     ports, truncated = _ports(data, start + transport, end - transport, proto, later)
     cols.update(ports)
     fragment = np.flatnonzero(state.fragment[keep])

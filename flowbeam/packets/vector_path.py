@@ -37,7 +37,12 @@ from flowbeam.packets.header_constants import (
     NULL_FAMILY_VERSION,
     VLAN_ETHERTYPES,
 )
-from flowbeam.packets.vector_gather import gather_records, read_only, take_records
+from flowbeam.packets.vector_gather import (
+    gather_records,
+    ip_columns,
+    read_only,
+    take_records,
+)
 from flowbeam.packets.vector_headers import IS_IPV6_EXTENSION, HeaderResult, decode_headers
 from flowbeam.packets.vector_transport import TRANSPORT_BYTES, transport_columns
 
@@ -234,18 +239,7 @@ def vector_decode(
         rec = take_records(rec, fast)
         proto, ip_bytes, vlan, is4 = proto[fast], ip_bytes[fast], vlan[fast], is4[fast]
     pos = idx[fast]
-    cols = {
-        "ts_us": batch.ts_us[pos],
-        "ip_version": np.where(is4, 4, 6).astype(np.uint8),
-        "protocol": proto.astype(np.uint8),
-        "src_hi": np.where(is4, 0, rec["src6hi"]).astype(np.uint64),
-        "src_lo": np.where(is4, rec["src4"], rec["src6lo"]).astype(np.uint64),
-        "dst_hi": np.where(is4, 0, rec["dst6hi"]).astype(np.uint64),
-        "dst_lo": np.where(is4, rec["dst4"], rec["dst6lo"]).astype(np.uint64),
-        "vlan_id": vlan,
-        "ip_bytes": ip_bytes.astype(np.int64),
-        "frame_bytes": batch.wirelen[pos].astype(np.int64),
-    }
+    cols = ip_columns(batch, pos, rec, is4, proto, vlan, ip_bytes)
     cols.update(transport_columns(np.where(is4, rec["sport4"], rec["sport6"]),
                                   np.where(is4, rec["dport4"], rec["dport6"]),
                                   np.where(is4, rec["flags4"], rec["flags6"]), proto))
