@@ -12,7 +12,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.runner import PipelineResult
 
 from transforms import counters
-from transforms.capture_files import DECODED_REASONS, REASON_WORDS
+from transforms.capture_reports import DECODED_REASONS, REASON_WORDS
 
 LABEL_WIDTH = 25
 

@@ -28,7 +28,6 @@ from flowbeam.packets.to_fragments import PacketsToFragments
 from pipelines.pcap_flows import split_mb_of
 from tests.test_pcap_pipeline import read_errors, read_flows, summary_of
 from tests.test_peer_nfstream import DATA
-from transforms.capture_files import describe_skipped
 from transforms.capture_ranges import (
     CaptureRange,
     DecodeRangeFn,
@@ -81,7 +80,7 @@ def split_read(path: Path, split_bytes: int, lookback: int = DEFAULT_LOOKBACK):
                 summaries.append(out.value[1])
             else:
                 parts.append(out)
-    settled = list(SettleRangesFn(describe_skipped).process((str(path), summaries)))
+    settled = list(SettleRangesFn().process((str(path), summaries)))
     verdict = next(out for out in settled if not isinstance(out, TaggedOutput))[1]
     if verdict.whole:
         return None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
@@ -40,43 +40,12 @@ from transforms.capture_ranges import (
     PlanRangesFn,
     SettleRangesFn,
 )
+from transforms.capture_reports import damaged_file, report_skipped
 from transforms.dead_letters import DEAD_LETTER_TAG, dead_letter
 from transforms.file_matching import distinct_paths, open_spread
 from transforms.progress import PROGRESS
 
 LOG = logging.getLogger(__name__)
-# The decoder's reasons (flowbeam.packets.error_reasons) in words, for the log and the summary.
-REASON_WORDS = {
-    "short_link_header": "frame shorter than its link header",
-    "short_ip_header": "IP header cut short",
-    "bad_ip_version": "IP version neither 4 nor 6",
-    "bad_ip_header_length": "IPv4 header length under 20 bytes",
-    "bad_ip_total_length": "IP total length shorter than the IP header",
-    "bad_ipv6_extension_header": "malformed IPv6 extension header",
-    "not_ip": "not IP: ARP, LLDP, STP or another link protocol",
-    "unknown_linktype": "a link type flowbeam does not decode",
-    "timestamp_out_of_range": "timestamp after the year 9999",
-    "truncated_transport": "transport header cut by the snaplen",
-}
-# Reasons under which a packet is counted but still decoded (into a flow with ports 0).
-DECODED_REASONS = frozenset({"truncated_transport"})
-
-
-def describe_skipped(malformed: Mapping[str, int]) -> list[str]:
-    """One capture's skipped packets in words: a line for those skipped ("skipped 7 packets:
-    7 not IP: ...") and one for those still counted, with ports 0 (cut by the snaplen)."""
-    lines = []
-    for template, decoded in (("skipped {}", False), ("{} counted with ports 0", True)):
-        reasons = sorted((reason, count) for reason, count in malformed.items()
-                         if count and (reason in DECODED_REASONS) == decoded)
-        if reasons:
-            total = sum(count for _, count in reasons)
-            packets = f"{total} packet{'s' if total != 1 else ''}"
-            lines.append(template.format(packets) + ": " + "; ".join(
-                f"{count} {REASON_WORDS.get(reason, reason)}" for reason, count in reasons))
-    return lines
-
-
 class _DecodeCaptureFileFn(beam.DoFn):
     """One capture file in, lists of fragments out (dead letters on ``DEAD_LETTER_TAG``)."""
 
@@ -117,10 +86,7 @@ class _DecodeCaptureFileFn(beam.DoFn):
             yield self._refused(self._not_captures, path, error.reason, error.offset)
             return
         except CaptureDamagedError as error:
-            self._damaged.inc()
-            LOG.error("flowbeam: %s: damaged at byte %d: %s", path, error.offset, error.reason)
-            yield TaggedOutput(DEAD_LETTER_TAG,
-                               dead_letter("read_capture", error.reason, path, error.offset))
+            yield damaged_file(self._damaged, path, error.reason, error.offset)
         except IsADirectoryError:
             yield self._refused(self._unreadable, path, "is a directory, not a capture file "
                                 f"(to read the captures in it: {path.rstrip('/')}/*)")
@@ -137,19 +103,10 @@ class _DecodeCaptureFileFn(beam.DoFn):
                 return
             # A compressed stream corrupt after the capture header: the packets read before
             # the failure still become flows.
-            self._damaged.inc()
-            reason = f"cannot read file: {error}"
-            LOG.error("flowbeam: %s: %s", path, reason)
-            yield TaggedOutput(DEAD_LETTER_TAG, dead_letter("read_capture", reason, path, None))
+            yield damaged_file(self._damaged, path, f"cannot read file: {error}")
         self._captures.inc()
         yield from self._counted(step, step.finish())
-        for reason, count in step.malformed.items():
-            counters.malformed_counter(reason).inc(count)
-        for linktype in sorted(step.unknown_linktypes):
-            LOG.warning("flowbeam: %s: link type %d is not supported; its packets were skipped",
-                        path, linktype)
-        for line in describe_skipped(step.malformed):
-            LOG.warning("flowbeam: %s: %s", path, line)
+        report_skipped(path, step.malformed, step.unknown_linktypes)
 
     @staticmethod
     def _refused(counter: Any, path: str, reason: str, offset: int | None = None) -> TaggedOutput:
@@ -201,7 +158,7 @@ class DecodeCaptures(beam.PTransform):
         settled = (
             ranges[SUMMARIES_TAG]
             | "GroupRanges" >> beam.GroupByKey()
-            | "SettleRanges" >> beam.ParDo(SettleRangesFn(describe_skipped)).with_outputs(
+            | "SettleRanges" >> beam.ParDo(SettleRangesFn()).with_outputs(
                 DEAD_LETTER_TAG, WHOLE_TAG, main="verdicts")
         )
         kept = ranges.parts | "KeepSettledRanges" >> beam.ParDo(

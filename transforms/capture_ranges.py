@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,7 @@ from flowbeam.capture.splits import (
 )
 from flowbeam.packets.to_fragments import PacketsToFragments, settle_open_at_end
 from transforms import counters
-from transforms.dead_letters import DEAD_LETTER_TAG, dead_letter
+from transforms.capture_reports import damaged_file, report_skipped
 from transforms.progress import PROGRESS
 
 LOG = logging.getLogger(__name__)
@@ -172,8 +172,7 @@ class SettleRangesFn(beam.DoFn):
     """``(path, summaries)`` in: ``(path, Verdict)``, the file's counts and dead letter, and
     the path on ``WHOLE_TAG`` when its ranges do not fit together."""
 
-    def __init__(self, describe_skipped: Callable[[dict[str, int]], list[str]]) -> None:
-        self._describe_skipped = describe_skipped  # capture_files' words for skipped packets
+    def __init__(self) -> None:
         self._captures = counters.counter(counters.FILES_READ)
         self._damaged = counters.counter(counters.FILES_DAMAGED)
         self._packets = counters.counter(counters.PACKETS)
@@ -198,19 +197,11 @@ class SettleRangesFn(beam.DoFn):
         for summary in counted:
             for reason, count in summary.malformed.items():
                 malformed[reason] = malformed.get(reason, 0) + count
-        for reason, count in malformed.items():
-            counters.malformed_counter(reason).inc(count)
-        for linktype in sorted({lt for summary in counted for lt in summary.unknown_linktypes}):
-            LOG.warning("flowbeam: %s: link type %d is not supported; its packets were skipped",
-                        path, linktype)
-        for line in self._describe_skipped(malformed):
-            LOG.warning("flowbeam: %s: %s", path, line)
+        report_skipped(path, malformed,
+                       {lt for summary in counted for lt in summary.unknown_linktypes})
         damage = counted[-1].outcome.damage
         if damage is not None:
-            self._damaged.inc()
-            LOG.error("flowbeam: %s: damaged at byte %d: %s", path, damage.offset, damage.reason)
-            yield TaggedOutput(DEAD_LETTER_TAG,
-                               dead_letter("read_capture", damage.reason, path, damage.offset))
+            yield damaged_file(self._damaged, path, damage.reason, damage.offset)
         newest = [summary.newest_us for summary in counted if summary.newest_us is not None]
         yield path, Verdict(settlement.valid, False, max(newest, default=None))
 
