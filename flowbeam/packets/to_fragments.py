@@ -64,11 +64,13 @@ class PacketsToFragments:
         errors = collections.Counter(self._decoder.errors)
         linktypes = set(self._decoder.unknown_linktypes)
         context = dataclasses.replace(batch, wirelen=np.full(len(batch), _CONTEXT_WIRELEN))
-        released = self._decoder.decode(context)
+        decoded = self._decoder.decode(context)
         self._decoder.errors.clear()
         self._decoder.errors.update(errors)
         self._decoder.unknown_linktypes.intersection_update(linktypes)
-        return self._aggregate(released)
+        released = decoded.frame_bytes != _CONTEXT_WIRELEN
+        return self._aggregate(PacketColumns(**{name: getattr(decoded, name)[released]
+                                                for name in COLUMN_NAMES}))
 
     def finish(self) -> list[Fragment]:
         """The capture has ended: every remaining fragment, IP fragments still waiting
@@ -94,10 +96,6 @@ class PacketsToFragments:
             self._decoder.unknown_linktypes.clear()
 
     def _aggregate(self, packets: PacketColumns) -> list[Fragment]:
-        ours = packets.frame_bytes != _CONTEXT_WIRELEN
-        if not ours.all():
-            packets = PacketColumns(**{name: getattr(packets, name)[ours]
-                                       for name in COLUMN_NAMES})
         if len(packets):
             newest = int(packets.ts_us.max())
             self.newest_us = newest if self.newest_us is None else max(self.newest_us, newest)
