@@ -325,6 +325,19 @@ def default_runner(options: PipelineOptions) -> None:
         standard.runner = STREAMING_RUNNER if standard.streaming else "FnApiRunner"
 
 
+def launched_elsewhere(result: Any, options: PipelineOptions, streaming: bool) -> bool:
+    """Whether the job runs elsewhere, with nothing to wait for here (and says so): a job
+    graph written to ``--template_location`` (a template launch; Dataflow starts the job), or
+    a streaming job submitted to Dataflow, which runs until drained or cancelled."""
+    if not getattr(result, "has_job", True):
+        print("flowbeam: job graph written to --template_location; Dataflow runs the job")
+        return True
+    if streaming and options.view_as(StandardOptions).runner == "DataflowRunner":
+        print(f"flowbeam: streaming job {result.job_id()} submitted", file=sys.stderr)
+        return True
+    return False
+
+
 def local_streaming(options: PipelineOptions) -> bool:
     """Whether the job runs on the local streaming runner (after ``default_runner``)."""
     return options.view_as(StandardOptions).runner == STREAMING_RUNNER

@@ -35,6 +35,7 @@ from pipelines.options import (
     flow_config,
     input_patterns,
     invoked_as,
+    launched_elsewhere,
     print_help,
     resolve_bigquery_config,
     unknown_flags,
@@ -197,10 +198,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     build(pipeline, config, startup_dead_letters, bigquery, staging)
     PROGRESS.start(len(matched))
     result = pipeline.run()
-    if not getattr(result, "has_job", True):
-        # Dataflow wrote the job graph to --template_location (a flex template launch does
-        # this, then starts the job itself): there is no job to wait for here.
-        print("flowbeam: job graph written to --template_location; Dataflow runs the job")
+    if launched_elsewhere(result, options, streaming=False):
         return 0
     result.wait_until_finish()
     PROGRESS.finish()

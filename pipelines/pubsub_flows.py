@@ -39,6 +39,7 @@ from pipelines.options import (
     bigquery_insert_mode,
     default_runner,
     flow_config,
+    launched_elsewhere,
     output_every_s,
     print_help,
     resolve_bigquery_config,
@@ -171,12 +172,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     pipeline = beam.Pipeline(options=options)
     build(pipeline, config, bigquery)
     result = pipeline.run()
-    if not getattr(result, "has_job", True):  # a classic template: Dataflow runs the job
-        print("flowbeam: job graph written to --template_location; Dataflow runs the job")
-        return 0
-    if options.view_as(StandardOptions).runner == "DataflowRunner":
-        # The job runs on until it is drained (open flows are then emitted) or cancelled.
-        print(f"flowbeam: streaming job {result.job_id()} submitted", file=sys.stderr)
+    if launched_elsewhere(result, options, streaming=True):  # drained: open flows emitted
         return 0
     try:
         result.wait_until_finish()

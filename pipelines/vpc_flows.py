@@ -46,6 +46,7 @@ from pipelines.options import (
     check_inputs,
     default_runner,
     invoked_as,
+    launched_elsewhere,
     local_streaming,
     print_help,
     resolve_bigquery_config,
@@ -260,12 +261,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     pipeline = beam.Pipeline(options=options)
     build(pipeline, config, subnets, startup_dead_letters, bigquery, staging_suffix)
     result = pipeline.run()
-    if not getattr(result, "has_job", True):  # a flex template launch: Dataflow runs the job
-        print("flowbeam: job graph written to --template_location; Dataflow runs the job")
-        return 0
-    if config.streaming and options.view_as(StandardOptions).runner == "DataflowRunner":
-        # On Dataflow the job runs on until it is drained or cancelled.
-        print(f"flowbeam: streaming job {result.job_id()} submitted", file=sys.stderr)
+    if launched_elsewhere(result, options, config.streaming):
         return 0
     if config.streaming:
         try:
