@@ -40,6 +40,7 @@ from flowbeam.flows.records import to_flow_record
 from transforms import counters
 from transforms.flow_record_coder import FlowRecord
 from transforms.flow_state import StreamingMergeFn
+from transforms.fragment_coder import FragmentBatch
 
 DEFAULT_SHARDS = 256
 
@@ -134,7 +135,7 @@ class BuildFlows(beam.PTransform):
         return (
             fragment_batches
             | "ShardFragments" >> beam.ParDo(_ShardFragmentsFn(self._shards))
-            .with_output_types(tuple[int, list])
+            .with_output_types(tuple[int, FragmentBatch])
             | "MergeFragments" >> (
                 _MergeShards(self._idle_us, self._active_us, self._source)
                 if fragment_batches.is_bounded

@@ -43,9 +43,13 @@ from transforms.capture_ranges import (
 from transforms.capture_reports import damaged_file, report_skipped
 from transforms.dead_letters import DEAD_LETTER_TAG, dead_letter
 from transforms.file_matching import distinct_paths, open_spread
+from transforms.fragment_coder import FragmentBatch
 from transforms.progress import PROGRESS
 
 LOG = logging.getLogger(__name__)
+
+
+@beam.typehints.with_output_types(FragmentBatch)
 class _DecodeCaptureFileFn(beam.DoFn):
     """One capture file in, lists of fragments out (dead letters on ``DEAD_LETTER_TAG``)."""
 
@@ -167,7 +171,7 @@ class DecodeCaptures(beam.PTransform):
         again = self._read_whole(settled[WHOLE_TAG], "Again")
         return {
             "fragments": (whole.fragments, kept, again.fragments)
-            | "AllFragments" >> beam.Flatten(),
+            | "AllFragments" >> beam.Flatten().with_output_types(FragmentBatch),
             "dead_letters": (whole[DEAD_LETTER_TAG], settled[DEAD_LETTER_TAG],
                              again[DEAD_LETTER_TAG])
             | "CaptureDeadLetters" >> beam.Flatten(),
