@@ -23,10 +23,11 @@ timeouts 120 s, status records only every 1800 s so a flow is one record; flows 
 the timing with ``racount``) and softflowd (``-r CAP``, NetFlow v9 to an nfcapd on 127.0.0.1;
 in file mode it expires flows only at the end; its flows are counted as nfdump pairs the
 received one-way records into bidirectional 5-tuple flows, ``nfdump -b``: whole-file
-conversations). Peak RSS comes from
-GNU time (``/usr/bin/time -f %M``): the largest process of the tool's process tree (the
-process or a descendant it waited for). Prints the median packets/s of each tool, flowbeam's ratio
-to each, peak RSS and flow counts (all IP flows, and TCP+UDP only where the tool says).
+conversations). Peak RSS is that of the tool's whole process tree: the larger of GNU
+time's (``/usr/bin/time -f %M``, the largest single process) and the sum over the tree
+sampled every 50 ms (a multi-core flowbeam run has several worker processes). Prints the
+median packets/s of each tool, flowbeam's ratio to each, peak RSS and flow counts (all IP
+flows, and TCP+UDP only where the tool says).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ ARGUS_FLOW_STATUS_INTERVAL=1800
 ARGUS_MAR_STATUS_INTERVAL=3600
 """ + "".join(f"ARGUS_{kind}_TIMEOUT=120\n"
               for kind in ("IP", "TCP", "ICMP", "IGMP", "FRAG", "ARP", "OTHER"))
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 SOFTFLOWD_TIMEOUTS = ("general=120", "tcp=120", "tcp.rst=120", "tcp.fin=120", "udp=120",
                       "icmp=120", "maxlife=1800")
 
@@ -92,21 +94,52 @@ class Result:
 def run_measured(argv: list[str]) -> tuple[float, int, str]:
     """Run a command; returns (wall seconds, peak RSS in MiB of its process tree, stdout).
 
-    The peak RSS comes from GNU time, not from our own ``wait4``: a child forked (or
-    vforked) from this process inherits its memory map until ``exec``, and Linux keeps that
-    high-water mark in the child's ``ru_maxrss``, so every tool would look at least as big as
-    this harness. GNU time's own child starts from a tiny process.
+    Peak RSS is the larger of two measures. GNU time gives the largest single process of the
+    tree (not our own ``wait4``: a child forked from this process inherits its memory map
+    until ``exec``, and Linux keeps that high-water mark in the child's ``ru_maxrss``, so every
+    tool would look at least as big as this harness). A tool that runs several processes at
+    once (flowbeam's workers on a multi-core run) holds their sum, which ``_tree_rss`` samples
+    every 50 ms while the command runs.
     """
-    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
+    with (tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file,
+          tempfile.TemporaryFile("w+") as output):
         started = time.perf_counter()
-        process = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss_file.name, *argv],
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", rss_file.name, *argv],
+                                   stdout=output, stderr=subprocess.STDOUT, text=True)
+        tree_peak = 0
+        while process.poll() is None:
+            tree_peak = max(tree_peak, _tree_rss(process.pid))
+            time.sleep(0.05)
         elapsed = time.perf_counter() - started
+        output.seek(0)
+        stdout = output.read()
         if process.returncode != 0:
-            raise RuntimeError(f"{argv[:4]} failed ({process.returncode}): "
-                               f"{process.stdout[-2000:]}")
+            raise RuntimeError(f"{argv[:4]} failed ({process.returncode}): {stdout[-2000:]}")
         rss_kib = int(rss_file.read().split()[-1])
-    return elapsed, rss_kib // 1024, process.stdout
+    return elapsed, max(rss_kib * 1024, tree_peak) >> 20, stdout
+
+
+def _tree_rss(root: int) -> int:
+    """Bytes resident in ``root`` and all its descendants now (0 once it has gone)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, pending = 0, [root]
+    while pending:
+        pid = pending.pop()
+        pending.extend(children.get(pid, ()))
+        try:
+            with open(f"/proc/{pid}/statm") as statm:
+                total += int(statm.read().split()[1]) * PAGE_BYTES
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
 
 
 def run_flowbeam(capture: Path, work: Path, extra: list[str]) -> Result:

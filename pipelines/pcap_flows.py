@@ -21,6 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from flowbeam.env_options import env_default, unknown_environment
+from pipelines.local_cores import spread_over_cores
 from pipelines.options import (
     USAGE_ERROR,
     BigQueryOptions,
@@ -177,8 +178,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"flowbeam: warning: {warning}", file=sys.stderr)
     default_runner(options)
     FileSystems.set_options(options)  # s3:// and gs:// credentials, endpoints, regions
-    matched: set[str] = set()
+    matched: dict[str, int] = {}
     startup_dead_letters = check_inputs(config.inputs, matched)
+    spread_over_cores(options, argv_list, sum(matched.values()))
     staging = None
     if bigquery is not None:
         try:

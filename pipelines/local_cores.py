@@ -1,0 +1,90 @@
+"""Local batch runs on every core: the DirectRunner's engine with one worker process per core.
+
+Beam's in-process engine (``FnApiRunner``) runs every stage on one core. With
+``--direct_running_mode=multi_processing`` it starts ``--direct_num_workers`` SDK worker
+processes and hands each stage's input out among them; a big capture split into byte ranges
+(``transforms.capture_ranges``) is then decoded on every core at once. Starting the workers
+costs a Beam import each (~2 s), so only runs with enough input take them: a small capture
+still runs in one process.
+
+The workers' log lines reach the launcher through Beam's logging service, which prints each
+as a raw ``LogEntry`` protobuf; ``WorkerLogFilter`` turns them back into the message alone and
+drops the workers' start-up notice about a missing semi-persistent directory (a Dataflow
+concept that means nothing here).
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+import re
+from collections.abc import Sequence
+
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+IN_PROCESS_RUNNER = "FnApiRunner"
+# Below this much input, starting worker processes costs more than the second core saves.
+MIN_BYTES_FOR_WORKERS = 256 << 20
+_WORKER_LOGGER = "apache_beam.runners.portability.local_job_service"
+_MESSAGE = re.compile(r'\bmessage: "((?:[^"\\]|\\.)*)"')
+_NOISE = ("No semi_persistent_directory found",)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def spread_over_cores(options: PipelineOptions, argv: Sequence[str], input_bytes: int,
+                      cores: int | None = None,
+                      min_bytes: int = MIN_BYTES_FOR_WORKERS) -> int:
+    """Give a local batch run one worker process per core when it has ``min_bytes`` of input
+    or more, unless the user chose ``--direct_num_workers``/``--direct_running_mode``.
+
+    Returns how many processes decode at once: 1 in process, else the workers.
+    """
+    direct = options.view_as(DirectOptions)
+    in_process = options.view_as(StandardOptions).runner == IN_PROCESS_RUNNER
+    chosen = any(arg.startswith(("--direct_num_workers", "--direct_running_mode"))
+                 for arg in argv)
+    cores = usable_cores() if cores is None else cores
+    if in_process and not chosen and cores >= 2 and input_bytes >= min_bytes:
+        direct.direct_num_workers = cores
+        direct.direct_running_mode = "multi_processing"
+    if not in_process or direct.direct_running_mode == "in_memory":
+        return 1
+    install_worker_log_filter()
+    return direct.direct_num_workers or cores
+
+
+class WorkerLogFilter(logging.Filter):
+    """A worker's relayed ``LogEntry`` as its message alone; start-up noise dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.args or not isinstance(record.args, tuple):
+            return True
+        found = _MESSAGE.search(str(record.args[0]))
+        if found is None:
+            return True
+        message = worker_message(found.group(1))
+        if message.startswith(_NOISE):
+            return False
+        record.msg, record.args = "%s", (message,)
+        return True
+
+
+def worker_message(escaped: str) -> str:
+    """A protobuf text-format string (C escapes; UTF-8 as is or as octal bytes) as the text
+    it holds."""
+    return codecs.escape_decode(escaped.encode("utf-8"))[0].decode("utf-8", "replace")
+
+
+def install_worker_log_filter() -> None:
+    """Once per process: the logger Beam relays worker log lines through gets the filter."""
+    logger = logging.getLogger(_WORKER_LOGGER)
+    if not any(isinstance(existing, WorkerLogFilter) for existing in logger.filters):
+        logger.addFilter(WorkerLogFilter())

@@ -1,0 +1,114 @@
+"""Local runs on every core: when the pcap pipeline takes worker processes, and what the
+launcher shows of their log lines."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+from apache_beam.portability.api import beam_fn_api_pb2
+
+from pipelines.local_cores import (
+    MIN_BYTES_FOR_WORKERS,
+    WorkerLogFilter,
+    spread_over_cores,
+    worker_message,
+)
+from pipelines.pcap_flows import run
+from tests.test_pcap_pipeline import read_flows, summary_of
+
+SHARED_PCAPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pcaps"
+BIG = MIN_BYTES_FOR_WORKERS
+
+
+def relayed(message: str) -> logging.LogRecord:
+    """A worker's log line as Beam's logging service hands it to the launcher's logging."""
+    entry = beam_fn_api_pb2.LogEntry(
+        severity=beam_fn_api_pb2.LogEntry.Severity.WARN, message=message,
+        log_location="/work/main/transforms/capture_reports.py:62", thread="Thread-13")
+    return logging.LogRecord("apache_beam.runners.portability.local_job_service",
+                             logging.WARNING, __file__, 1, "Worker: %s",
+                             (str(entry).replace("\n", " "),), None)
+
+
+@pytest.mark.parametrize("message", [
+    "flowbeam: a.pcap: skipped 440 packets: 440 not IP",
+    'flowbeam: "quoted" path\\with\\backslashes and a tab\tand a newline\nend',
+    "flowbeam: café → ünïcode ✓",
+])
+def test_a_worker_log_line_shows_its_message_alone(message):
+    record = relayed(message)
+    assert WorkerLogFilter().filter(record)
+    assert record.getMessage() == message
+
+
+def test_the_workers_start_up_notice_is_dropped():
+    record = relayed("No semi_persistent_directory found: User registered objects ...")
+    assert not WorkerLogFilter().filter(record)
+
+
+def test_other_log_lines_are_left_alone():
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "plain %s", ("text",), None)
+    assert WorkerLogFilter().filter(record)
+    assert record.getMessage() == "plain text"
+    assert worker_message(r"caf\303\251") == "café"
+
+
+def direct(argv: list[str]) -> tuple[PipelineOptions, DirectOptions]:
+    options = PipelineOptions(argv)
+    return options, options.view_as(DirectOptions)
+
+
+def test_a_big_local_run_takes_a_worker_per_core():
+    options, chosen = direct(["--runner=FnApiRunner"])
+    assert spread_over_cores(options, ["--runner=FnApiRunner"], BIG, cores=2) == 2
+    assert (chosen.direct_num_workers, chosen.direct_running_mode) == (2, "multi_processing")
+
+
+@pytest.mark.parametrize(("argv", "input_bytes", "cores"), [
+    (["--runner=FnApiRunner"], BIG - 1, 2),  # too little input to pay for the workers
+    (["--runner=FnApiRunner"], BIG, 1),  # one core
+    (["--runner=DataflowRunner"], BIG, 2),  # not local
+])
+def test_other_runs_stay_in_one_process(argv, input_bytes, cores):
+    options, chosen = direct(argv)
+    assert spread_over_cores(options, argv, input_bytes, cores=cores) == 1
+    assert (chosen.direct_num_workers, chosen.direct_running_mode) == (1, "in_memory")
+
+
+def test_the_users_choice_of_workers_wins():
+    argv = ["--runner=FnApiRunner", "--direct_num_workers=3",
+            "--direct_running_mode=multi_threading"]
+    options, chosen = direct(argv)
+    assert spread_over_cores(options, argv, BIG, cores=2) == 3
+    assert (chosen.direct_num_workers, chosen.direct_running_mode) == (3, "multi_threading")
+    argv = ["--runner=FnApiRunner", "--direct_running_mode=in_memory"]
+    options, chosen = direct(argv)
+    assert spread_over_cores(options, argv, BIG, cores=2) == 1
+    assert chosen.direct_num_workers == 1
+
+
+def test_worker_processes_give_the_rows_of_one_process(tmp_path, capsys, caplog):
+    """A shared capture split into ranges and decoded by two worker processes: the rows, the
+    summary and the skipped-packets warning (a worker's log line) are a one-process run's."""
+    capture = tmp_path / "ppp_sll.pcap"
+    shutil.copy(SHARED_PCAPS / "ppp_sll.pcap", capture)
+    assert run(["--input", str(capture), "--output", str(tmp_path / "one"),
+                "--runner=FnApiRunner"]) == 0
+    one = summary_of(capsys.readouterr().out)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert run(["--input", str(capture), "--output", str(tmp_path / "two"),
+                    "--runner=FnApiRunner", "--split_mb=0.1", "--direct_num_workers=2",
+                    "--direct_running_mode=multi_processing"]) == 0
+    two = summary_of(capsys.readouterr().out)
+    key = lambda row: row["id"]  # noqa: E731
+    assert sorted(read_flows(tmp_path / "two"), key=key) == sorted(
+        read_flows(tmp_path / "one"), key=key)
+    for label in ("captures read", "packets", "skipped packets", "flows", "bytes"):
+        assert two[label] == one[label]
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [m for m in messages if "LogEntry" in m or "severity:" in m], messages
