@@ -1,9 +1,10 @@
 """The batched fragment tracker against the one-packet-at-a-time model, on random sequences.
 
-``FragmentTracker`` handles a batch's fragments in runs (a run of first fragments updates its
-table in a few C-level calls), so these tests drive it through ``complete_fragments`` (the
-columns step the decoder uses) with synthetic fragment rows and compare every emitted row, its
-position and its ports with ``ReferenceTracker``: tables that overflow within a batch and across
+``FragmentTracker`` handles a batch's fragments at once (first fragments only touch an
+array-backed table that answers all later fragments of the batch together), so these tests
+drive it through ``complete_fragments`` (the columns step the decoder uses) with synthetic
+fragment rows and compare every emitted row, its position and its ports with
+``ReferenceTracker``: tables that overflow within a batch and across
 batches, keys repeated within a run, first and later fragments interleaved, waiting fragments
 pushed out, and long floods of first fragments. Any faster tracker must keep them green.
 """

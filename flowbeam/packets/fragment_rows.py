@@ -30,8 +30,7 @@ def complete_fragments(
     order = np.argsort(fragments.pos, kind="stable")
     rows = np.searchsorted(positions, fragments.pos[order])
     values = pack_transport(cols["protocol"][rows], cols["src_port"][rows], cols["dst_port"][rows])
-    plan = tracker.track(fragments.first[order], fragments.key[order].tolist(), rows.tolist(),
-                         values.tolist())
+    plan = tracker.track(fragments.first[order], fragments.key[order], rows, values)
     tracker.detach(lambda row: tuple(cols[name][row].item() for name in COLUMN_NAMES))
     return _apply(cols, plan)
 
@@ -45,8 +44,8 @@ def rows_to_columns(rows: list[tuple]) -> Columns:
 
 
 def _apply(cols: Columns, plan: FragmentPlan) -> Columns:
-    if plan.completed:
-        _set_transport(cols, np.asarray(plan.completed), np.asarray(plan.completed_values))
+    if len(plan.completed):
+        _set_transport(cols, plan.completed, plan.completed_values)
     if not plan.held and not plan.anchors:
         return cols
     count = len(cols["ts_us"])

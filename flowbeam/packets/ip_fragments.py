@@ -10,10 +10,12 @@ fragments are emitted at once with ports 0, so memory stays bounded on hostile i
 packet is ever silently dropped.
 
 The tracker sees a batch's fragments all at once (``track``), in capture order, and answers
-with a ``FragmentPlan`` that ``fragment_rows`` applies to the batch's columns: one Python step
-per non-first fragment, while each run of consecutive first fragments (the common case: an
-extension-header flood is all first fragments) updates the table in a few C-level calls. The
-result is exactly that of handling the fragments one at a time.
+with a ``FragmentPlan`` that ``fragment_rows`` applies to the batch's columns. The first
+fragments (the common case: an extension-header flood is all first fragments) only touch the
+array-backed ``FirstFragmentTable``, which answers all the batch's later fragments at once; a
+Python step is taken only for a later fragment it does not know (it must wait) and for a first
+fragment that may release waiting ones. The result is exactly that of handling the fragments
+one at a time.
 
 Keys are fixed-width bytes (``FRAGMENT_KEY``) so the per-packet path packs them with ``struct``
 and the vectorised path views a NumPy record array as the same bytes. Rows of the current batch
@@ -25,12 +27,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from flowbeam.packets.first_fragments import FirstFragmentTable, key_hashes, key_words
 
 # (version, src hi, src lo, dst hi, dst lo, protocol (IPv4 only; 0 for IPv6), identification)
 FRAGMENT_KEY = struct.Struct("!BQQQQBI")
@@ -80,8 +83,8 @@ class FragmentPlan:
     ``pack_transport`` values to give them, or ``NO_CHANGE``.
     """
 
-    completed: list[int] = dataclasses.field(default_factory=list)
-    completed_values: list[int] = dataclasses.field(default_factory=list)
+    completed: np.ndarray  # row indexes
+    completed_values: np.ndarray
     held: list[int] = dataclasses.field(default_factory=list)
     anchors: list[int] = dataclasses.field(default_factory=list)
     handles: list[int | tuple] = dataclasses.field(default_factory=list)
@@ -98,26 +101,52 @@ class FragmentTracker:
 
     def __init__(self, limit: int) -> None:
         self.limit = max(1, limit)
-        self.firsts: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self._firsts = FirstFragmentTable(self.limit)
+        self._key_size = 0
         self.waiting: collections.OrderedDict[bytes, list[int | tuple]] = (
             collections.OrderedDict()
         )
         self.waiting_count = 0
         self._fresh: set[bytes] = set()  # waiting keys that hold row indexes of this batch
 
+    @property
+    def firsts(self) -> dict[bytes, int]:
+        """The remembered first fragments (key: ``pack_transport`` value), oldest first."""
+        return {key[: self._key_size]: value for key, value in self._firsts.items()}
+
     def track(
-        self, first: np.ndarray, keys: list[bytes], rows: list[int], values: list[int]
+        self, first: np.ndarray, keys: Sequence[bytes] | np.ndarray,
+        rows: Sequence[int] | np.ndarray, values: Sequence[int] | np.ndarray,
     ) -> FragmentPlan:
-        """One batch's fragments in capture order: first-fragment flags, keys, row indexes and
-        (for first fragments) their ``pack_transport`` values."""
-        plan = FragmentPlan()
-        bounds = [0, *(np.flatnonzero(first[1:] != first[:-1]) + 1).tolist(), len(first)]
-        for start, stop in itertools.pairwise(bounds):
-            if first[start]:
-                self._firsts(keys[start:stop], rows[start:stop], values[start:stop], plan)
+        """One batch's fragments in capture order: first-fragment flags, fixed-width keys, row
+        indexes and (for first fragments) their ``pack_transport`` values.
+
+        The first-fragment table answers every later fragment of the batch at once; only the
+        later fragments it does not know, and the first fragments that may release waiting
+        ones, take a Python step each, in capture order.
+        """
+        first = np.asarray(first, dtype=bool)
+        keys = np.asarray(keys)
+        keys = keys.view(np.dtype((np.void, keys.dtype.itemsize)))
+        self._key_size = keys.dtype.itemsize
+        rows, values = np.asarray(rows, dtype=np.int64), np.asarray(values, dtype=np.int64)
+        firsts, laters = np.flatnonzero(first), np.flatnonzero(~first)
+        words = key_words(keys)
+        hashes = key_hashes(words)
+        remembered, known = self._firsts.update(
+            words[firsts], hashes[firsts], values[firsts], words[laters], hashes[laters],
+            np.searchsorted(firsts, laters))
+        plan = FragmentPlan(rows[laters[remembered]], known[remembered])
+        unknown = laters[~remembered]
+        releasing = firsts[self._may_release(keys.dtype, hashes[firsts], hashes[unknown])]
+        steps = np.sort(np.concatenate([unknown, releasing]))
+        for is_first, key, row, value in zip(first[steps].tolist(), keys[steps].tolist(),
+                                             rows[steps].tolist(), values[steps].tolist(),
+                                             strict=True):
+            if is_first:
+                self._release(key, row, value, plan)
             else:
-                for i in range(start, stop):
-                    self._later(keys[i], rows[i], plan)
+                self._hold(key, row, plan)
         return plan
 
     def detach(self, row_tuple: Callable[[int], tuple]) -> None:
@@ -135,47 +164,26 @@ class FragmentTracker:
         self.waiting_count = 0
         return rows  # type: ignore[return-value]  # detach() left only tuples
 
-    def _firsts(self, keys: list[bytes], rows: list[int], values: list[int],
-                plan: FragmentPlan) -> None:
-        """A run of first fragments: release what waits for them, then remember them.
+    def _may_release(self, key_type: np.dtype, first_hashes: np.ndarray,
+                     unknown_hashes: np.ndarray) -> np.ndarray:
+        """Which first fragments may find fragments waiting for them: those whose key hash is
+        that of a key waiting now or of a later fragment of this batch about to wait."""
+        if not self.waiting and not len(unknown_hashes):
+            return np.zeros(len(first_hashes), dtype=bool)
+        waiting = np.frombuffer(b"".join(self.waiting), dtype=key_type)
+        return np.isin(first_hashes,
+                       np.concatenate([key_hashes(key_words(waiting)), unknown_hashes]))
 
-        Remembering a run at once ends in the same table as one by one: each key moves to the
-        end (its last occurrence wins), then the oldest keys beyond the bound are forgotten.
-        """
-        if self.waiting:
-            releasing = self.waiting.keys() & keys
-            if releasing:
-                self._release(keys, rows, values, releasing, plan)
-        firsts = self.firsts
-        size = len(firsts)
-        firsts.update(zip(keys, values, strict=True))
-        if len(firsts) - size < len(keys):
-            # A key was already remembered or repeats in the run: update() left it in place,
-            # so move every key to the end in run order (the last occurrence wins).
-            move_to_end = firsts.move_to_end
-            for key in keys:
-                move_to_end(key)
-        excess = len(firsts) - self.limit
-        if excess > 0:
-            collections.deque(map(firsts.popitem, itertools.repeat(False, excess)), maxlen=0)
+    def _release(self, key: bytes, row: int, value: int, plan: FragmentPlan) -> None:
+        """A first fragment: emit the fragments waiting for it right after it."""
+        held = self.waiting.pop(key, None)
+        if held:
+            self.waiting_count -= len(held)
+            plan.emit_after(row, held, value)
 
-    def _release(self, keys: list[bytes], rows: list[int], values: list[int],
-                 releasing: set[bytes], plan: FragmentPlan) -> None:
-        """Emit the fragments waiting for ``releasing`` keys after their first fragment."""
-        for key, row, value in zip(keys, rows, values, strict=True):
-            held = self.waiting.pop(key, None) if key in releasing else None
-            if held:
-                self.waiting_count -= len(held)
-                plan.emit_after(row, held, value)
-
-    def _later(self, key: bytes, row: int, plan: FragmentPlan) -> None:
-        """A non-first fragment: completed at once if its first fragment is known, else held;
-        the oldest waiting fragments are pushed out (ports 0) when over the bound."""
-        known = self.firsts.get(key)
-        if known is not None:
-            plan.completed.append(row)
-            plan.completed_values.append(known)
-            return
+    def _hold(self, key: bytes, row: int, plan: FragmentPlan) -> None:
+        """A non-first fragment whose first fragment is not known: it waits; the oldest
+        waiting fragments are pushed out (ports 0) when over the bound."""
         self.waiting.setdefault(key, []).append(row)
         self._fresh.add(key)
         self.waiting_count += 1
