@@ -31,12 +31,13 @@ from __future__ import annotations
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from itertools import chain
 
 import apache_beam as beam
 
-from flowbeam.flows.engine import advance
+from flowbeam.flows.engine import advance_all
 from flowbeam.flows.fragment import Fragment
-from flowbeam.flows.records import to_flow_record
+from flowbeam.flows.records import to_flow_records
 from transforms import counters
 from transforms.flow_record_coder import FlowRecord
 from transforms.flow_state import StreamingMergeFn
@@ -80,18 +81,11 @@ class _MergeShardFn(beam.DoFn):
         self._fragments = counters.counter(counters.FRAGMENTS)
 
     def process(self, shard: tuple[int, Iterable[list[Fragment]]]) -> Iterator[dict]:
-        fragments: dict[tuple, list[Fragment]] = defaultdict(list)
-        count = 0
-        for batch in shard[1]:
-            count += len(batch)
-            for fragment in batch:
-                fragments[fragment.key].append(fragment)
-        self._fragments.inc(count)
-        for key_fragments in fragments.values():
-            rows = advance(key_fragments, self._idle_us, self._active_us, None)[0]
-            for row in rows:
-                yield to_flow_record(row, self._source)
-            self._rows.inc(len(rows))
+        batches = list(shard[1])
+        self._fragments.inc(sum(map(len, batches)))
+        rows = advance_all(chain.from_iterable(batches), self._idle_us, self._active_us)
+        self._rows.inc(len(rows))
+        yield from to_flow_records(rows, self._source)
 
 
 class _MergeShards(beam.PTransform):

@@ -6,9 +6,9 @@ integers our keys already hold; the ``communityid`` package is the test oracle.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import struct
+from binascii import b2a_base64
 
 from flowbeam.flows.protocols import (
     ICMP_COUNTERPARTS,
@@ -21,6 +21,10 @@ from flowbeam.flows.protocols import (
 
 # Transports whose ports (ICMP: type and code) are part of the hashed tuple.
 _PORTED_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_SCTP, PROTO_ICMP, PROTO_ICMPV6})
+# The hashed fields around the addresses: seed; protocol, a zero pad byte (and the ports).
+_SEED = struct.Struct("!H")
+_PORTED_TAIL = struct.Struct("!BBHH")
+_PORTLESS_TAIL = struct.Struct("!BB")
 
 
 def community_id(
@@ -35,9 +39,11 @@ def community_id(
     # An ICMP type without a counterpart is hashed as sent, without ordering the endpoints.
     counterparts = ICMP_COUNTERPARTS.get(protocol)
     one_way = counterparts is not None and src_port not in counterparts
-    if not one_way and (src_addr, src_port) > (dst_addr, dst_port):
+    if not one_way and (src_addr > dst_addr or (src_addr == dst_addr and src_port > dst_port)):
         src_addr, dst_addr, src_port, dst_port = dst_addr, src_addr, dst_port, src_port
-    data = struct.pack("!H", seed) + src_addr + dst_addr + struct.pack("!BB", protocol, 0)
     if protocol in _PORTED_PROTOCOLS:
-        data += struct.pack("!HH", src_port, dst_port)
-    return "1:" + base64.b64encode(hashlib.sha1(data).digest()).decode("ascii")
+        tail = _PORTED_TAIL.pack(protocol, 0, src_port, dst_port)
+    else:
+        tail = _PORTLESS_TAIL.pack(protocol, 0)
+    digest = hashlib.sha1(_SEED.pack(seed) + src_addr + dst_addr + tail).digest()
+    return "1:" + b2a_base64(digest, newline=False).decode("ascii")
