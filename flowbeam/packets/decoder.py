@@ -131,9 +131,8 @@ class PacketDecoder:
             keep = np.flatnonzero(ok)
             idx, ip_offset, version, vlan = idx[keep], ip_offset[keep], version[keep], vlan[keep]
         pos, cols, others = vector_decode(batch, data, idx, ip_offset, version, vlan)
-        parts.add(pos, cols)
+        parts.add(pos, cols, None if others is None else others.fragments)
         if others is not None:
-            parts.add(others.pos, others.cols, others.fragments)
             if others.truncated:
                 self.errors[TRUNCATED_TRANSPORT] += others.truncated
             if len(others.rest):

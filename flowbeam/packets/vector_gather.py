@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from flowbeam.capture.records import RecordBatch
-
 
 def read_only(table: np.ndarray) -> np.ndarray:
     """Module-level tables are shared by every decoder: make accidental writes fail loudly."""
@@ -63,22 +61,3 @@ def _record_view(data: np.ndarray, width: int, count: int) -> np.ndarray:
 def as_void(dtype: np.dtype) -> np.dtype:
     """Opaque bytes of the same size as ``dtype``: NumPy moves these with a plain copy."""
     return np.dtype((np.void, dtype.itemsize))
-
-
-def ip_columns(batch: RecordBatch, pos: np.ndarray, rec: np.ndarray, is4: np.ndarray,
-               proto: np.ndarray, vlan: np.ndarray, ip_bytes: np.ndarray
-               ) -> dict[str, np.ndarray]:
-    """The IP-level columns of the packets at ``pos`` from their gathered IP headers ``rec``
-    (IPv4 and IPv6 fields side by side, ``is4`` choosing), as both vectorised stages emit them."""
-    return {
-        "ts_us": batch.ts_us[pos],
-        "ip_version": np.where(is4, 4, 6).astype(np.uint8),
-        "protocol": proto.astype(np.uint8),
-        "src_hi": np.where(is4, 0, rec["src6hi"]).astype(np.uint64),
-        "src_lo": np.where(is4, rec["src4"], rec["src6lo"]).astype(np.uint64),
-        "dst_hi": np.where(is4, 0, rec["dst6hi"]).astype(np.uint64),
-        "dst_lo": np.where(is4, rec["dst4"], rec["dst6lo"]).astype(np.uint64),
-        "vlan_id": vlan,
-        "ip_bytes": ip_bytes.astype(np.int64),
-        "frame_bytes": batch.wirelen[pos].astype(np.int64),
-    }

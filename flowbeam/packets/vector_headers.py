@@ -11,8 +11,13 @@ which the tests hold this stage to packet for packet; a packet that would be mal
 whose chain is deeper than ``MAX_CHAIN``, is handed back to it, so errors are counted in one
 place only.
 
-Fragments are only recognised here (their key and whether they are first); matching later
-fragments to their first fragment needs the state of the whole capture (``ip_fragments``).
+This stage only finds where each packet's transport is and reads it (``HeaderRows``):
+``vector_path`` writes the results into the same columns as its plain packets, so both kinds
+of rows are built by one set of whole-batch operations and come out already in capture order.
+
+Fragments are only recognised here (their identification and whether they are first);
+matching later fragments to their first fragment needs the state of the whole capture
+(``ip_fragments``).
 """
 
 from __future__ import annotations
@@ -21,26 +26,31 @@ from typing import NamedTuple
 
 import numpy as np
 
-from flowbeam.capture.records import RecordBatch
 from flowbeam.packets.header_constants import IPV6_AH, IPV6_EXTENSION_HEADERS, IPV6_FRAGMENT
-from flowbeam.packets.ip_fragments import (
-    FRAGMENT_KEY_BYTES,
-    FRAGMENT_KEY_DTYPE,
-    FragmentPackets,
-)
-from flowbeam.packets.vector_gather import (
-    gather_records,
-    ip_columns,
-    read_only,
-    take_records,
-)
-from flowbeam.packets.vector_transport import PORT_BYTES, transport_columns
+from flowbeam.packets.vector_gather import gather_records, read_only
+from flowbeam.packets.vector_transport import PORT_BYTES
 
 # Chains deeper than this take the per-packet path: real chains have a few headers, and a
 # hostile packet of thousands of 8-byte headers must not cost a NumPy pass per header.
 MAX_CHAIN = 12
 
 IS_IPV6_EXTENSION = read_only(np.isin(np.arange(256), list(IPV6_EXTENSION_HEADERS)))
+
+
+def _extension_size_table() -> np.ndarray:
+    """[header type << 8 | length byte] -> the extension header's size in bytes.
+
+    The fragment header is always 8 bytes, AH counts 4-byte words minus 2, the others 8-byte
+    words minus 1: one lookup instead of a chain of ``np.where`` per chain depth.
+    """
+    length = np.arange(256, dtype=np.int64)
+    table = np.tile((length + 1) * 8, 256)
+    table[IPV6_AH << 8 : (IPV6_AH + 1) << 8] = (length + 2) * 4
+    table[IPV6_FRAGMENT << 8 : (IPV6_FRAGMENT + 1) << 8] = 8
+    return table
+
+
+_EXTENSION_SIZE = read_only(_extension_size_table())
 
 # An extension header's first 8 bytes: next header and length; for the fragment header, the
 # offset and flags and the identification.
@@ -55,21 +65,31 @@ _TRANSPORT_RECORD = np.dtype(
 _TCP_HEADER_READ = 14  # bytes of TCP header up to and including the flags byte
 
 
-class HeaderResult(NamedTuple):
-    """What the second stage decoded: rows, the fragments among them, and what it left."""
+class HeaderRows(NamedTuple):
+    """What the second stage found, one element per packet given to it.
 
-    pos: np.ndarray  # int64: packet positions of the rows, in capture order
-    cols: dict[str, np.ndarray]  # the rows' PacketColumns fields
-    fragments: FragmentPackets  # the rows that are fragments
-    rest: np.ndarray  # int64: packet positions left to the per-packet path
-    truncated: int  # rows whose transport was cut before its ports (truncated_transport)
+    ``proto`` and the transport fields only mean something where ``ok``; the transport fields
+    only where ``readable``: the other ``ok`` rows get ports and flags 0.
+    """
+
+    ok: np.ndarray  # bool: decodable here; else the per-packet path decodes (or counts) it
+    proto: np.ndarray  # intp: the protocol after the extension headers
+    readable: np.ndarray  # bool: the transport's ports were captured (and it has ports)
+    readable_rows: np.ndarray  # intp: flatnonzero(readable), the rows the fields below are of
+    sport: np.ndarray  # the transport's first two bytes
+    dport: np.ndarray  # its next two
+    tcp_byte: np.ndarray  # uint8: its 14th byte when captured, else 0
+    truncated: int  # ok rows whose transport was cut before its ports (truncated_transport)
+    fragment: np.ndarray  # bool: a fragment of a fragmented datagram (only meaningful if ok)
+    later: np.ndarray  # bool: a non-first fragment
+    ident: np.ndarray  # int64: the fragment identification
 
 
 class _Walk(NamedTuple):
     """Per-packet IP-layer state, updated in place as the extension chains are walked."""
 
     ok: np.ndarray  # bool: decodable here (so far)
-    proto: np.ndarray  # int64: the protocol after the headers walked so far
+    proto: np.ndarray  # intp: the protocol after the headers walked so far
     transport: np.ndarray  # int64: offset of that protocol's header from the IP header
     end: np.ndarray  # int64: end of the captured IP payload, from the IP header
     fragment: np.ndarray  # bool: a fragment of a fragmented datagram
@@ -78,52 +98,57 @@ class _Walk(NamedTuple):
 
 
 def decode_headers(
-    batch: RecordBatch, data: np.ndarray, idx: np.ndarray, start: np.ndarray, rec: np.ndarray,
-    captured: np.ndarray, version: np.ndarray, vlan: np.ndarray,
-) -> HeaderResult:
-    """Decode the packets at ``idx`` whose IP header ``rec`` (``vector_path``'s IP record) starts
-    at ``start`` in ``data``, with ``captured`` bytes from there; ``version`` is what the link
-    layer says (0: the version nibble decides)."""
-    state, is4 = _ip_layer(rec, captured, version)
+    data: np.ndarray, start: np.ndarray, rec: np.ndarray, captured: np.ndarray,
+    version: np.ndarray, is4: np.ndarray, ip_bytes: np.ndarray,
+) -> HeaderRows:
+    """Find and read the transports of packets whose IP header ``rec`` (``vector_path``'s IP
+    record) starts at ``start`` in ``data``, with ``captured`` bytes from there.
+
+    ``version`` is what the link layer says (0: the version nibble decides); ``is4`` (version
+    nibble 4, not contradicted by the link layer) and ``ip_bytes`` are ``vector_path``'s.
+    """
+    state = _ip_layer(rec, captured, version, is4, ip_bytes)
     _walk_chains(data, start, state, is4)
-    keep = np.flatnonzero(state.ok)
-    rec, start, is4, vlan = take_records(rec, keep), start[keep], is4[keep], vlan[keep]
-    proto, transport, end, later = (state.proto[keep], state.transport[keep], state.end[keep],
-                                    state.later[keep])
-    pos = idx[keep]
-    cols = ip_columns(batch, pos, rec, is4, proto, vlan,
-                      np.where(is4, rec["len4"], rec["plen6"].astype(np.int64) + 40))
-    ports, truncated = _ports(data, start + transport, end - transport, proto, later)
-    cols.update(ports)
-    fragment = np.flatnonzero(state.fragment[keep])
-    fragments = FragmentPackets(
-        pos=pos[fragment], first=~later[fragment],
-        key=_fragment_keys(cols, fragment, state.ident[keep][fragment]),
+    ok, proto, later = state.ok, state.proto, state.later
+    transport_start = start + state.transport
+    available = state.end - state.transport
+    needed = PORT_BYTES[proto]
+    missing = ~later & (available < needed)
+    readable = ok & ~later & ~missing & (needed > 0)
+    rows = np.flatnonzero(readable)
+    transport = gather_records(data, transport_start[rows], _TRANSPORT_RECORD)
+    return HeaderRows(
+        ok=ok, proto=proto, readable=readable, readable_rows=rows,
+        sport=transport["sport"], dport=transport["dport"],
+        tcp_byte=np.where(available[rows] >= _TCP_HEADER_READ, transport["flags"], 0),
+        truncated=int(np.count_nonzero(missing & ok)),
+        fragment=state.fragment, later=later, ident=state.ident,
     )
-    return HeaderResult(pos, cols, fragments, idx[~state.ok], truncated)
 
 
 def _ip_layer(
-    rec: np.ndarray, captured: np.ndarray, version: np.ndarray
-) -> tuple[_Walk, np.ndarray]:
-    """The IP header's checks and fields (``slow_ip`` before the chain walk); (state, is IPv4)."""
+    rec: np.ndarray, captured: np.ndarray, version: np.ndarray, is4: np.ndarray,
+    ip_bytes: np.ndarray,
+) -> _Walk:
+    """The IP header's checks and fields (``slow_ip`` before the chain walk)."""
     vihl = rec["vihl"]
-    header = (vihl & 0x0F).astype(np.int64) * 4
-    total = rec["len4"].astype(np.int64)
-    is4 = (((vihl >> 4) == 4) & (version != 6) & (captured >= 20) & (header >= 20)
-           & (captured >= header) & (total >= header))
-    is6 = ((vihl >> 4) == 6) & (version != 4) & (captured >= 40)
+    header = (vihl & 0x0F).astype(np.int64) << 2
+    total = rec["len4"]
+    # A whole IPv4 header (captured >= header >= 20 also means captured >= 20) within the
+    # datagram; an IPv6 one captured whole.
+    ok4 = is4 & (header >= 20) & (captured >= header) & (total >= header)
+    ok6 = ((vihl >> 4) == 6) & (version != 4) & (captured >= 40)
     frag4 = rec["frag4"]
-    fragment = is4 & ((frag4 & 0x3FFF) != 0)  # more fragments, or an offset
+    fragment = ok4 & ((frag4 & 0x3FFF) != 0)  # more fragments, or an offset
     return _Walk(
-        ok=is4 | is6,
-        proto=np.where(is4, rec["proto4"], rec["next6"]).astype(np.int64),
+        ok=ok4 | ok6,
+        proto=np.where(is4, rec["proto4"], rec["next6"]).astype(np.intp),
         transport=np.where(is4, header, 40),
-        end=np.minimum(captured, np.where(is4, total, rec["plen6"].astype(np.int64) + 40)),
+        end=np.minimum(captured, ip_bytes),
         fragment=fragment,
         later=fragment & ((frag4 & 0x1FFF) != 0),
         ident=np.where(is4, rec["ident4"], 0).astype(np.int64),
-    ), is4
+    )
 
 
 def _walk_chains(data: np.ndarray, start: np.ndarray, state: _Walk, is4: np.ndarray) -> None:
@@ -140,55 +165,28 @@ def _walk_chains(data: np.ndarray, start: np.ndarray, state: _Walk, is4: np.ndar
             return
         at, end = state.transport[walking], state.end[walking]
         fits = at + 8 <= end
-        state.ok[walking[~fits]] = False
-        walking, at, end = walking[fits], at[fits], end[fits]
+        if not fits.all():
+            state.ok[walking[~fits]] = False
+            walking, at, end = walking[fits], at[fits], end[fits]
         ext = gather_records(data, start[walking] + at, _EXTENSION_RECORD)
         kind = state.proto[walking]
-        is_fragment_header = kind == IPV6_FRAGMENT
-        length = ext["length"].astype(np.int64)
-        size = np.where(is_fragment_header, 8,
-                        np.where(kind == IPV6_AH, (length + 2) * 4, (length + 1) * 8))
-        too_long = at + size > end
-        state.ok[walking[too_long]] = False
-        offset = ext["frag"] >> 3
-        fragmented = is_fragment_header & ((offset != 0) | ((ext["frag"] & 1) != 0))
-        marked = walking[fragmented]
-        state.fragment[marked] = True
-        state.later[marked] = offset[fragmented] != 0
-        state.ident[marked] = ext["ident"][fragmented]
-        state.proto[walking] = ext["next"]
-        state.transport[walking] = at + size
-        more = ~too_long & ~(is_fragment_header & (offset != 0)) & IS_IPV6_EXTENSION[ext["next"]]
+        at += _EXTENSION_SIZE[(kind << 8) | ext["length"]]
+        fits = at <= end
+        following = ext["next"].astype(np.intp)
+        state.proto[walking] = following
+        state.transport[walking] = at
+        more = fits & IS_IPV6_EXTENSION[following]
+        fragment_headers = np.flatnonzero(kind == IPV6_FRAGMENT)
+        if len(fragment_headers):
+            frag = ext["frag"][fragment_headers]
+            offset = (frag & 0xFFF8) != 0  # the fragment offset (frag >> 3) is not 0
+            fragmented = offset | ((frag & 1) != 0)  # an offset, or more fragments
+            marked = fragment_headers[fragmented]
+            state.fragment[walking[marked]] = True
+            state.later[walking[marked]] = offset[fragmented]
+            state.ident[walking[marked]] = ext["ident"][marked]
+            more[fragment_headers[offset]] = False  # a later fragment: nothing to walk after it
+        if not fits.all():
+            state.ok[walking[~fits]] = False
         walking = walking[more]
     state.ok[walking] = False  # deeper than MAX_CHAIN: the per-packet path walks it
-
-
-def _ports(
-    data: np.ndarray, transport_start: np.ndarray, available: np.ndarray, proto: np.ndarray,
-    later: np.ndarray,
-) -> tuple[dict[str, np.ndarray], int]:
-    """Ports and flags read within the captured IP payload (``slow_ports``); (columns, count of
-    transports cut before their ports). Non-first fragments carry no transport: zeros."""
-    needed = PORT_BYTES[proto]
-    missing = ~later & (available < needed)
-    readable = ~later & ~missing & (needed > 0)
-    rec = gather_records(data, np.where(readable, transport_start, 0), _TRANSPORT_RECORD)
-    tcp_byte = np.where(available >= _TCP_HEADER_READ, rec["flags"], 0)
-    cols = transport_columns(rec["sport"], rec["dport"], tcp_byte, proto)
-    for column in cols.values():
-        column[~readable] = 0
-    return cols, int(np.count_nonzero(missing))
-
-
-def _fragment_keys(
-    cols: dict[str, np.ndarray], rows: np.ndarray, ident: np.ndarray
-) -> np.ndarray:
-    """The ``FragmentTracker`` keys of the fragment rows (the IPv6 key has no protocol)."""
-    key = np.zeros(len(rows), dtype=FRAGMENT_KEY_DTYPE)
-    version = cols["ip_version"][rows]
-    key["version"] = version
-    for name in ("src_hi", "src_lo", "dst_hi", "dst_lo"):
-        key[name] = cols[name][rows]
-    key["protocol"] = np.where(version == 4, cols["protocol"][rows], 0)
-    key["ident"] = ident
-    return key.view(FRAGMENT_KEY_BYTES)

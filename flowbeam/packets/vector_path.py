@@ -37,13 +37,13 @@ from flowbeam.packets.header_constants import (
     NULL_FAMILY_VERSION,
     VLAN_ETHERTYPES,
 )
-from flowbeam.packets.vector_gather import (
-    gather_records,
-    ip_columns,
-    read_only,
-    take_records,
+from flowbeam.packets.ip_fragments import (
+    FRAGMENT_KEY_BYTES,
+    FRAGMENT_KEY_DTYPE,
+    FragmentPackets,
 )
-from flowbeam.packets.vector_headers import IS_IPV6_EXTENSION, HeaderResult, decode_headers
+from flowbeam.packets.vector_gather import gather_records, read_only, take_records
+from flowbeam.packets.vector_headers import IS_IPV6_EXTENSION, decode_headers
 from flowbeam.packets.vector_transport import TRANSPORT_BYTES, transport_columns
 
 # --- Lookup tables for the vectorised path -------------------------------------------------------
@@ -63,8 +63,11 @@ def _ethertype_set_table(ethertypes: frozenset[int]) -> np.ndarray:
 
 _ETHER_VERSION = read_only(_ethertype_version_table())
 _IS_VLAN = read_only(_ethertype_set_table(VLAN_ETHERTYPES))
-# Ethertypes the slow path walks through (tags, label stacks): never "not IP" at first sight.
-_IS_SHIM = read_only(_ethertype_set_table(VLAN_ETHERTYPES | MPLS_ETHERTYPES))
+# Ethertypes of neither IP nor what the slow path walks through (tags, label stacks): a whole
+# link header of one of these is "not IP" at first sight.
+_NOT_IP = read_only(
+    (_ETHER_VERSION == 0) & ~_ethertype_set_table(VLAN_ETHERTYPES | MPLS_ETHERTYPES)
+)
 
 # Fixed-layout records gathered per packet. Fields may overlap: one record read serves both
 # readings (e.g. IPv4 and IPv6 at the same start, little- and big-endian families).
@@ -112,26 +115,41 @@ LinkFunction = Callable[[np.ndarray, np.ndarray, np.ndarray], _LinkResult]
 
 def _link_ethernet(data: np.ndarray, off: np.ndarray, cap: np.ndarray) -> _LinkResult:
     """Untagged, single-tagged or double-tagged (QinQ) Ethernet; deeper stacks take the slow
-    path, and so do double-tagged frames that are not IP (it counts them)."""
+    path, and so do double-tagged frames that are not IP (it counts them).
+
+    Every frame is read as untagged first, then the few tagged ones are read again: tags are
+    rare, and a whole-batch pass for each tag depth would cost more than the untagged reading.
+    """
     rec = gather_records(data, off, _ETHERNET_RECORD)
-    outer = rec["type"]
+    outer = rec["type"].astype(np.intp)
     version = _ETHER_VERSION[outer]
-    tagged = _IS_VLAN[outer]
-    inner_version = _ETHER_VERSION[rec["inner"]]
-    double = tagged & _IS_VLAN[rec["inner"]]
+    whole = cap >= 14
+    found = _LinkResult(
+        ok=(version != 0) & whole,
+        not_ip=_NOT_IP[outer] & whole,
+        ip_offset=np.full(len(off), 14),
+        version=version,
+        vlan=np.full(len(off), -1, dtype=np.int32),
+    )
+    tagged = np.flatnonzero(_IS_VLAN[outer])
+    if len(tagged):
+        _read_tags(rec[tagged], cap[tagged], tagged, found)
+    return found
+
+
+def _read_tags(rec: np.ndarray, cap: np.ndarray, rows: np.ndarray, found: _LinkResult) -> None:
+    """Overwrite the ``rows`` of ``found`` (frames whose ethertype is a VLAN tag) with what their
+    one or two tags say; ``rec`` and ``cap`` are those rows' own."""
+    inner = rec["inner"].astype(np.intp)
+    inner_version = _ETHER_VERSION[inner]
+    double = _IS_VLAN[inner]
     innermost_version = _ETHER_VERSION[rec["innermost"]]
-    ok = (((version != 0) & (cap >= 14)) | (tagged & (inner_version != 0) & (cap >= 18))
-          | (double & (innermost_version != 0) & (cap >= 22)))
-    not_ip = ((version == 0) & ~_IS_SHIM[outer] & (cap >= 14)) | (
-        tagged & (inner_version == 0) & ~_IS_SHIM[rec["inner"]] & (cap >= 18)
-    )
-    return _LinkResult(
-        ok=ok,
-        not_ip=not_ip,
-        ip_offset=np.where(double, 22, np.where(tagged, 18, 14)),
-        version=np.where(double, innermost_version, np.where(tagged, inner_version, version)),
-        vlan=np.where(tagged, (rec["tci"] & 0x0FFF).astype(np.int32), np.int32(-1)),
-    )
+    found.ok[rows] = (((inner_version != 0) & (cap >= 18))
+                      | (double & (innermost_version != 0) & (cap >= 22)))
+    found.not_ip[rows] = _NOT_IP[inner] & (cap >= 18)
+    found.ip_offset[rows] = np.where(double, 22, 18)
+    found.version[rows] = np.where(double, innermost_version, inner_version)
+    found.vlan[rows] = rec["tci"] & 0x0FFF
 
 
 def _link_sll(data: np.ndarray, off: np.ndarray, cap: np.ndarray) -> _LinkResult:
@@ -146,12 +164,12 @@ def _link_fixed_ethertype(
     data: np.ndarray, off: np.ndarray, cap: np.ndarray, record: np.dtype, header: int
 ) -> _LinkResult:
     """A fixed-size header with an ethertype field (SLL, SLL2); VLAN tags take the slow path."""
-    ethertype = gather_records(data, off, record)["type"]
+    ethertype = gather_records(data, off, record)["type"].astype(np.intp)
     version = _ETHER_VERSION[ethertype]
     whole = cap >= header
     return _LinkResult(
         ok=(version != 0) & whole,
-        not_ip=(version == 0) & ~_IS_SHIM[ethertype] & whole,
+        not_ip=_NOT_IP[ethertype] & whole,
         ip_offset=np.full(len(off), header),
         version=version,
         vlan=np.full(len(off), -1, dtype=np.int32),
@@ -220,49 +238,118 @@ VECTOR_LINKS = {
 
 # --- Vectorised IP + transport ----------------------------------------------------------------
 
+class HeaderResult(NamedTuple):
+    """What ``vector_decode`` hands the decoder besides its rows (the second stage's rows are
+    among them, in capture order): fragments, errors, the rest."""
+
+    fragments: FragmentPackets  # the rows that are fragments
+    rest: np.ndarray  # int64: packet positions left to the per-packet path
+    truncated: int  # rows whose transport was cut before its ports (truncated_transport)
+
+
 def vector_decode(
     batch: RecordBatch, data: np.ndarray, idx: np.ndarray, ip_offset: np.ndarray,
     version: np.ndarray, vlan: np.ndarray,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], HeaderResult | None]:
-    """Decode the packets at ``idx``: (positions and columns of the plain ones, what the second
-    stage made of the others, or None when all were plain)."""
+    """Decode the packets at ``idx``: (positions and columns of the rows, in capture order; the
+    fragments among them, errors and packets left to the per-packet path, or None when every
+    packet was plain).
+
+    Every column is computed once for the whole batch: the plain packets' transport fields come
+    from the IP record, and the second stage (``vector_headers``) writes its packets' over them.
+    """
     start = batch.offsets[idx] + ip_offset
     captured = batch.caplen[idx] - ip_offset
     rec = gather_records(data, start, _IP_RECORD)
-    is4, proto, ip_bytes, is_fast = _classify_ip(rec, captured, version)
-    fast = np.flatnonzero(is_fast)
-    others = None
-    if len(fast) < len(idx):
-        rest = np.flatnonzero(~is_fast)
-        others = decode_headers(batch, data, idx[rest], start[rest], take_records(rec, rest),
-                                captured[rest], version[rest], vlan[rest])
-        rec = take_records(rec, fast)
-        proto, ip_bytes, vlan, is4 = proto[fast], ip_bytes[fast], vlan[fast], is4[fast]
-    pos = idx[fast]
-    cols = ip_columns(batch, pos, rec, is4, proto, vlan, ip_bytes)
-    cols.update(transport_columns(np.where(is4, rec["sport4"], rec["sport6"]),
-                                  np.where(is4, rec["dport4"], rec["dport6"]),
-                                  np.where(is4, rec["flags4"], rec["flags6"]), proto))
-    return pos, cols, others
+    is4, proto, ip_bytes, plain = _classify_ip(rec, captured, version)
+    sport = np.where(is4, rec["sport4"], rec["sport6"])
+    dport = np.where(is4, rec["dport4"], rec["dport6"])
+    tcp_byte = np.where(is4, rec["flags4"], rec["flags6"])
+    rest = np.flatnonzero(~plain)
+    if not len(rest):
+        cols = _ip_columns(batch, idx, rec, is4, proto, vlan, ip_bytes)
+        cols.update(transport_columns(sport, dport, tcp_byte, proto))
+        return idx, cols, None
+    found = decode_headers(data, start[rest], take_records(rec, rest), captured[rest],
+                           version[rest], is4[rest], ip_bytes[rest])
+    proto[rest] = found.proto
+    readable = rest[found.readable_rows]
+    sport[readable], dport[readable], tcp_byte[readable] = found.sport, found.dport, found.tcp_byte
+    cols = _ip_columns(batch, idx, rec, is4, proto, vlan, ip_bytes)
+    ports = transport_columns(sport, dport, tcp_byte, proto)
+    portless = rest[found.ok & ~found.readable]  # non-first fragments, cut or portless transports
+    for column in ports.values():
+        column[portless] = 0
+    cols.update(ports)
+    fragment = found.ok & found.fragment
+    rows = rest[fragment]
+    fragments = FragmentPackets(pos=idx[rows], first=~found.later[fragment],
+                                key=_fragment_keys(cols, rows, found.ident[fragment]))
+    slow = rest[~found.ok]
+    others = HeaderResult(fragments, idx[slow], found.truncated)
+    if len(slow):
+        keep = np.ones(len(idx), dtype=bool)
+        keep[slow] = False
+        keep = np.flatnonzero(keep)
+        idx = idx[keep]
+        cols = {name: column[keep] for name, column in cols.items()}
+    return idx, cols, others
 
 
 def _classify_ip(
     rec: np.ndarray, captured: np.ndarray, version: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(is IPv4, protocol, ip_bytes, decodable here) from IP records and bytes captured from them.
+    """(is IPv4, protocol, ip_bytes, plain) from IP records and bytes captured from them.
 
-    A packet is decodable here when its IP header is plain (IPv4 IHL 5, not a fragment, total
-    length at least 20; IPv6 with a transport right after the fixed header) and the transport
-    bytes we read lie within both the captured bytes and the IP payload. Everything else goes
-    to the second stage (``vector_headers``), then the slow path, which apply the same rules.
+    IPv4 is version nibble 4 where the link layer does not say 6, for plain and second-stage
+    packets alike; the protocol is the IP header's (the second stage replaces it with the one
+    after the extension headers). A packet is plain, decodable from its IP record alone, when
+    its IP header is (IPv4 IHL 5, not a fragment, total length at least 20; IPv6 with a
+    transport right after the fixed header) and the transport bytes we read lie within both
+    the captured bytes and the IP payload. Everything else goes to the second stage
+    (``vector_headers``), then the slow path, which apply the same rules.
     """
     vihl = rec["vihl"]
-    is4 = (vihl == 0x45) & (version != 6)
-    is6 = ((vihl >> 4) == 6) & (version != 4)
+    nibble = vihl >> 4
+    is4 = (nibble == 4) & (version != 6)
+    is6 = (nibble == 6) & (version != 4)
     proto = np.where(is4, rec["proto4"], rec["next6"])
     ip_bytes = np.where(is4, rec["len4"], rec["plen6"].astype(np.int64) + 40)
     available = np.minimum(captured, ip_bytes) - np.where(is4, 20, 40)
-    plain = (is4 & ((rec["frag4"] & 0x3FFF) == 0) & (rec["len4"] >= 20)) | (
+    plain = (is4 & (vihl == 0x45) & ((rec["frag4"] & 0x3FFF) == 0) & (rec["len4"] >= 20)) | (
         is6 & ~IS_IPV6_EXTENSION[rec["next6"]]
     )
     return is4, proto, ip_bytes, plain & (available >= TRANSPORT_BYTES[proto])
+
+
+def _ip_columns(batch: RecordBatch, pos: np.ndarray, rec: np.ndarray, is4: np.ndarray,
+                proto: np.ndarray, vlan: np.ndarray, ip_bytes: np.ndarray
+                ) -> dict[str, np.ndarray]:
+    """The IP-level columns of the packets at ``pos`` from their gathered IP headers ``rec``
+    (IPv4 and IPv6 fields side by side, ``is4`` choosing), already in their final dtypes."""
+    return {
+        "ts_us": batch.ts_us[pos],
+        "ip_version": np.where(is4, np.uint8(4), np.uint8(6)),
+        "protocol": proto.astype(np.uint8, copy=False),
+        "src_hi": np.where(is4, 0, rec["src6hi"]),
+        "src_lo": np.where(is4, rec["src4"], rec["src6lo"]),
+        "dst_hi": np.where(is4, 0, rec["dst6hi"]),
+        "dst_lo": np.where(is4, rec["dst4"], rec["dst6lo"]),
+        "vlan_id": vlan,
+        "ip_bytes": ip_bytes,
+        "frame_bytes": batch.wirelen[pos],
+    }
+
+
+def _fragment_keys(
+    cols: dict[str, np.ndarray], rows: np.ndarray, ident: np.ndarray
+) -> np.ndarray:
+    """The ``FragmentTracker`` keys of the fragment rows (the IPv6 key has no protocol)."""
+    key = np.zeros(len(rows), dtype=FRAGMENT_KEY_DTYPE)
+    version = cols["ip_version"][rows]
+    key["version"] = version
+    for name in ("src_hi", "src_lo", "dst_hi", "dst_lo"):
+        key[name] = cols[name][rows]
+    key["protocol"] = np.where(version == 4, cols["protocol"][rows], 0)
+    key["ident"] = ident
+    return key.view(FRAGMENT_KEY_BYTES)

@@ -46,9 +46,10 @@ def transport_columns(
     """
     raw_src = raw_src.astype(np.int32)
     has_ports = _HAS_PORTS[proto]
-    src_port = np.where(has_ports, raw_src, 0).astype(np.int32)
-    dst_port = np.where(has_ports, raw_dst, 0).astype(np.int32)
-    tcp_flags = np.where(proto == PROTO_TCP, tcp_byte, 0).astype(np.uint8)
+    # The zeros' dtypes give each result its column's dtype without a further copy.
+    src_port = np.where(has_ports, raw_src, np.int32(0))
+    dst_port = np.where(has_ports, raw_dst, np.int32(0))
+    tcp_flags = np.where(proto == PROTO_TCP, tcp_byte, np.uint8(0))
     icmp = np.flatnonzero((proto == PROTO_ICMP) | (proto == PROTO_ICMPV6))
     if len(icmp):
         mtype = raw_src[icmp] >> 8
