@@ -8,7 +8,6 @@ import struct
 from pathlib import Path
 
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import TaggedOutput
 
 from flowbeam.capture.pcap import pcap_layout
@@ -25,10 +24,10 @@ from flowbeam.capture.writer import CapturedPacket, write_pcap, write_pcapng
 from flowbeam.flows.engine import advance
 from flowbeam.flows.records import to_flow_record
 from flowbeam.packets.to_fragments import PacketsToFragments
-from pipelines.pcap_flows import split_mb_of
 from tests.test_pcap_pipeline import read_errors, read_flows, summary_of
 from tests.test_peer_nfstream import DATA
 from transforms.capture_ranges import (
+    FOLDED_TAG,
     CaptureRange,
     DecodeRangeFn,
     KeepSettledFn,
@@ -80,13 +79,16 @@ def split_read(path: Path, split_bytes: int, lookback: int = DEFAULT_LOOKBACK):
                 summaries.append(out.value[1])
             else:
                 parts.append(out)
-    settled = list(SettleRangesFn().process((str(path), summaries)))
+    settled = list(SettleRangesFn(IDLE_US, ACTIVE_US, "").process((str(path), summaries)))
     verdict = next(out for out in settled if not isinstance(out, TaggedOutput))[1]
     if verdict.whole:
         return None
-    keep = KeepSettledFn(IDLE_US)
+    keep = KeepSettledFn()
     fragments = [fragment for part in parts
                  for kept in keep.process(part, {str(path): verdict}) for fragment in kept]
+    fragments += [fragment for out in settled
+                  if isinstance(out, TaggedOutput) and out.tag == FOLDED_TAG
+                  for fragment in out.value]
     counted = sorted(summaries, key=lambda s: s.index)[:verdict.valid]
     malformed = collections.Counter()
     for summary in counted:
@@ -263,7 +265,7 @@ def test_the_pipeline_gives_the_same_flows_and_summary_from_ranges(tmp_path, cap
     assert results[0] == results[1]
 
 
-# --- known limits --------------------------------------------------------------------------
+# --- flow state across range boundaries ----------------------------------------------------
 
 def tcp_frame(flags: int, reply: bool = False) -> bytes:
     hosts = [bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])]
@@ -282,10 +284,9 @@ def connection() -> list[bytes]:
             + [tcp_frame(FIN | ACK), tcp_frame(FIN | ACK, True)] + [tcp_frame(ACK)] * 20)
 
 
-# A range's aggregator does not see the flow state before its start: a 5-tuple reused within
-# the idle timeout after a FIN exchange in an earlier range, and the active-timeout rows of a
-# flow crossing a boundary, can be cut differently (as for a flow crossing two capture files).
-@pytest.mark.xfail(strict=True, reason="flow state does not cross range boundaries yet")
+# A 5-tuple reused within the idle timeout after a FIN exchange in an earlier range, and the
+# active-timeout rows of a flow crossing boundaries: the fold of the ranges' states
+# (flowbeam.packets.range_state) cuts them as the whole read does.
 @pytest.mark.parametrize("frames", [
     pytest.param(connection() + connection(), id="port-reuse"),
     pytest.param([tcp_frame(ACK)] * 120, id="active-timeout"),
@@ -297,12 +298,3 @@ def test_flow_state_across_a_boundary(tmp_path, frames):
     path = write(tmp_path / "a.pcap", packets)
     expected = whole_read(path)
     assert all(split_read(path, split_bytes) == expected for split_bytes in (1000, 2000, 3000))
-
-
-@pytest.mark.parametrize(("argv", "split_mb"), [
-    ([], 0.0),  # whole files unless asked: splits are not exact at their boundaries
-    (["--runner", "DataflowRunner"], 0.0),
-    (["--split_mb", "64"], 64.0),
-])
-def test_split_reads_are_asked_for(argv, split_mb):
-    assert split_mb_of(PipelineOptions(argv)) == split_mb

@@ -63,8 +63,12 @@ def test_the_pcap_pipeline_shuffles_fragments_with_it(tmp_path):
     pipeline = beam.Pipeline()
     build(pipeline, PcapFlowsConfig(("x.pcap",), FlowConfig(str(tmp_path), 120, 1800, "ip", 256)))
     shuffled = {label: pcoll for label, pcoll in _outputs(pipeline)
-                if label in ("DecodeCaptures/AllFragments", "BuildFlows/ShardFragments")}
-    assert len(shuffled) == 2
+                if label in ("DecodeCaptures/AllFragments", "BuildFlows/ShardFragments",
+                             "DecodeCaptures/KeepSettledRanges")}
+    shuffled.update((label, pcoll) for label, pcoll in _outputs(pipeline)
+                    if label == "DecodeCaptures/DecodeRanges/ParDo(DecodeRangeFn)"
+                    and pcoll.tag is None)  # the range's fragments, not its summary
+    assert len(shuffled) == 4
     for pcoll in shuffled.values():
         coder = coders.registry.get_coder(pcoll.element_type)
         assert "FragmentBatchCoder" in repr(coder), (pcoll, coder)

@@ -32,6 +32,7 @@ from flowbeam.flows.fragment import Fragment
 from flowbeam.packets.to_fragments import PacketsToFragments
 from transforms import counters
 from transforms.capture_ranges import (
+    FOLDED_TAG,
     RANGES_TAG,
     SUMMARIES_TAG,
     WHOLE_TAG,
@@ -144,7 +145,7 @@ class DecodeCaptures(beam.PTransform):
         idle_us, active_us = round(idle_timeout_s * 1_000_000), round(active_timeout_s * 1_000_000)
         self._decode = _DecodeCaptureFileFn(idle_us, active_us, byte_accounting, sensor)
         self._split_bytes = round(split_mb * (1 << 20))
-        self._idle_us = idle_us
+        self._settle_ranges = SettleRangesFn(idle_us, active_us, sensor)
         # range_options: DecodeRangeFn's lookback and chunk_size (tests make them tiny).
         self._decode_range = DecodeRangeFn(idle_us, active_us, byte_accounting, sensor,
                                            **range_options)
@@ -162,15 +163,15 @@ class DecodeCaptures(beam.PTransform):
         settled = (
             ranges[SUMMARIES_TAG]
             | "GroupRanges" >> beam.GroupByKey()
-            | "SettleRanges" >> beam.ParDo(SettleRangesFn()).with_outputs(
-                DEAD_LETTER_TAG, WHOLE_TAG, main="verdicts")
+            | "SettleRanges" >> beam.ParDo(self._settle_ranges).with_outputs(
+                DEAD_LETTER_TAG, WHOLE_TAG, FOLDED_TAG, main="verdicts")
         )
         kept = ranges.parts | "KeepSettledRanges" >> beam.ParDo(
-            KeepSettledFn(self._idle_us), beam.pvalue.AsDict(settled.verdicts))
+            KeepSettledFn(), beam.pvalue.AsDict(settled.verdicts))
         # Files whose ranges do not fit together (see flowbeam.capture.splits): read whole.
         again = self._read_whole(settled[WHOLE_TAG], "Again")
         return {
-            "fragments": (whole.fragments, kept, again.fragments)
+            "fragments": (whole.fragments, kept, settled[FOLDED_TAG], again.fragments)
             | "AllFragments" >> beam.Flatten().with_output_types(FragmentBatch),
             "dead_letters": (whole[DEAD_LETTER_TAG], settled[DEAD_LETTER_TAG],
                              again[DEAD_LETTER_TAG])

@@ -7,12 +7,14 @@ combine; this module runs it:
   the whole-file read, unchanged);
 - ``DecodeRangeFn`` decodes one range: primers before it and records after it only complete IP
   fragments (``PacketsToFragments.prime``/``resolve``); it emits ``(path, index, fragments)``
-  and one ``RangeSummary`` with the range's counts and boundary records;
+  and one ``RangeSummary`` with the range's counts, boundary records and the flow state it
+  hands over (``flowbeam.packets.range_state``);
 - ``SettleRangesFn`` combines a file's summaries (``settle_ranges``): it counts the file once
   (files read, packets, bytes, malformed packets), reports damage once, and sends the file to
-  the whole-file read when the ranges do not fit together;
+  the whole-file read when the ranges do not fit together; otherwise it folds the counted
+  ranges' states in order (``fold_ranges``) into the rows that cross range boundaries;
 - ``KeepSettledFn`` drops the fragments of ranges that do not count (after damage, or of a
-  file read whole instead) and decides ``open_at_end`` against the file's newest packet.
+  file read whole instead).
 
 Counts are therefore made from the summaries, never while decoding a range, so a file read
 twice (ranges, then whole) is counted once, as in a run without splits.
@@ -42,15 +44,19 @@ from flowbeam.capture.splits import (
     read_range,
     settle_ranges,
 )
-from flowbeam.packets.to_fragments import PacketsToFragments, settle_open_at_end
+from flowbeam.packets.range_state import RangeState
+from flowbeam.packets.to_fragments import PacketsToFragments, fold_ranges
 from transforms import counters
 from transforms.capture_reports import damaged_file, report_skipped
+from transforms.fragment_coder import FragmentBatch
 from transforms.progress import PROGRESS
 
 LOG = logging.getLogger(__name__)
 RANGES_TAG = "ranges"
 SUMMARIES_TAG = "summaries"
 WHOLE_TAG = "whole"
+FOLDED_TAG = "folded"
+_FOLDED_BATCH = 10_000  # fragments per output element of the fold
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ class RangeSummary:
     bytes: int = 0
     malformed: dict[str, int] = field(default_factory=dict)
     unknown_linktypes: tuple[int, ...] = ()
-    newest_us: int | None = None
+    state: RangeState = field(default_factory=RangeState.empty)
 
 
 class PlanRangesFn(beam.DoFn):
@@ -119,6 +125,7 @@ def _open(path: str) -> Any:
                             compression_type=CompressionTypes.UNCOMPRESSED)
 
 
+@beam.typehints.with_output_types(tuple[str, int, FragmentBatch])
 class DecodeRangeFn(beam.DoFn):
     """One ``CaptureRange`` in: ``(path, index, fragments)`` and one ``RangeSummary``."""
 
@@ -130,7 +137,7 @@ class DecodeRangeFn(beam.DoFn):
         self._chunk_size = chunk_size
 
     def process(self, part: CaptureRange) -> Iterator[Any]:
-        step = PacketsToFragments(*self._step_args)
+        step = PacketsToFragments(*self._step_args, heads=part.index > 0)
         outcome = RangeOutcome()
         try:
             with _open(part.path) as stream:
@@ -150,13 +157,13 @@ class DecodeRangeFn(beam.DoFn):
                         yield part.path, part.index, fragments
         except (CaptureError, OSError, EOFError, zlib.error) as error:
             outcome.problem = f"cannot be read as a range: {error}"
-        fragments = step.finish()
+        fragments, state = step.finish_range()
         if fragments:
             yield part.path, part.index, fragments
         yield TaggedOutput(SUMMARIES_TAG, (part.path, RangeSummary(
             part.index, outcome, step.packets, step.bytes,
             {reason: count for reason, count in step.malformed.items() if count},
-            tuple(sorted(step.unknown_linktypes)), step.newest_us)))
+            tuple(sorted(step.unknown_linktypes)), state)))
 
 
 @dataclass(frozen=True)
@@ -165,14 +172,15 @@ class Verdict:
 
     valid: int
     whole: bool
-    newest_us: int | None
 
 
 class SettleRangesFn(beam.DoFn):
-    """``(path, summaries)`` in: ``(path, Verdict)``, the file's counts and dead letter, and
-    the path on ``WHOLE_TAG`` when its ranges do not fit together."""
+    """``(path, summaries)`` in: ``(path, Verdict)``, the file's counts and dead letter, the
+    fragments of the fold of its ranges' states on ``FOLDED_TAG``, and the path on
+    ``WHOLE_TAG`` when its ranges do not fit together."""
 
-    def __init__(self) -> None:
+    def __init__(self, idle_timeout_us: int, active_timeout_us: int, sensor: str) -> None:
+        self._fold_args = (idle_timeout_us, active_timeout_us, sensor)
         self._captures = counters.counter(counters.FILES_READ)
         self._damaged = counters.counter(counters.FILES_DAMAGED)
         self._packets = counters.counter(counters.PACKETS)
@@ -185,7 +193,7 @@ class SettleRangesFn(beam.DoFn):
         if settlement.whole:
             LOG.warning("flowbeam: %s: read whole instead of in ranges: %s", path,
                         settlement.reason)
-            yield path, Verdict(0, True, None)
+            yield path, Verdict(0, True)
             yield TaggedOutput(WHOLE_TAG, path)
             return
         counted = ordered[:settlement.valid]
@@ -202,21 +210,20 @@ class SettleRangesFn(beam.DoFn):
         damage = counted[-1].outcome.damage
         if damage is not None:
             yield damaged_file(self._damaged, path, damage.reason, damage.offset)
-        newest = [summary.newest_us for summary in counted if summary.newest_us is not None]
-        yield path, Verdict(settlement.valid, False, max(newest, default=None))
+        yield path, Verdict(settlement.valid, False)
+        folded = fold_ranges((summary.state for summary in counted), *self._fold_args)
+        for start in range(0, len(folded), _FOLDED_BATCH):
+            yield TaggedOutput(FOLDED_TAG, folded[start:start + _FOLDED_BATCH])
 
 
+@beam.typehints.with_output_types(FragmentBatch)
 class KeepSettledFn(beam.DoFn):
     """``(path, index, fragments)`` in: the fragments, if their range counts (side input:
-    the files' ``Verdict``s), with ``open_at_end`` decided against the whole file."""
-
-    def __init__(self, idle_timeout_us: int) -> None:
-        self._idle_us = idle_timeout_us
+    the files' ``Verdict``s)."""
 
     def process(self, element: tuple[str, int, list], verdicts: dict[str, Verdict]
                 ) -> Iterator[list]:
         path, index, fragments = element
         verdict = verdicts[path]
-        if verdict.whole or index >= verdict.valid or verdict.newest_us is None:
-            return
-        yield settle_open_at_end(fragments, verdict.newest_us, self._idle_us)
+        if not verdict.whole and index < verdict.valid:
+            yield fragments

@@ -37,12 +37,16 @@ within ``lookback`` bytes before it or ``lookahead`` bytes after it (1 MiB each 
 thousands of packets; fragments of one datagram travel together). Beyond that it keeps
 ports 0, as a sequential read does at the end of a file.
 
+Flow state: a flow crossing a boundary (idle gaps, a 5-tuple reused after a FIN exchange in an
+earlier range, active-timeout chains) is cut as in the sequential read: each range sets aside
+the packets whose rows depend on the ranges before, and the file's ranges are folded in order
+(``flowbeam.packets.range_state``), exactly while the capture's time disorder stays within the
+fragment aggregator's ``max_disorder_us``, as for the sequential read itself.
+
 Limits: a pcapng Simple Packet Block takes the time of the previous packet, known only if one
 lies in the lookback; a capture spanning more than ``MAX_SPAN_S`` is read whole (its ranges do
-not resynchronise); the flow state before a range (a 5-tuple reused after a FIN exchange in
-an earlier range, the active-timeout rows of a flow crossing a boundary) is not known to the
-range's fragment aggregator, so such rows can be cut as for a flow crossing two capture files.
-Gzip'd files and streams that cannot seek are not split (the caller reads them whole).
+not resynchronise). Gzip'd files and streams that cannot seek are not split (the caller reads
+them whole).
 """
 
 from __future__ import annotations

@@ -55,6 +55,13 @@ first packet of its key's open row (moving that row's active-timeout chain), or 
 SYN/FIN/RST whose place inside an aggregated row matters for port reuse. Idle-timeout rows
 (all traffic that is not TCP, and TCP flows without port reuse or active timeouts) stay exact
 under any disorder, since adding packets to a flow only ever closes idle gaps.
+
+Split reads
+-----------
+The same contract holds for a capture read as byte ranges (``flowbeam.capture.splits``):
+each range's aggregator sets aside the packets whose rows depend on earlier ranges
+(``heads=True``) and ends with ``handoff`` instead of ``finish``; one more aggregator folds
+the ranges' states in order with ``resume``, then ``finish``es. See ``range_state``.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ from flowbeam.flows.fragment import Fragment
 from flowbeam.packets.aggregation_columns import Rows, Staged, key_columns, stage, value_columns
 from flowbeam.packets.aggregation_window import Window
 from flowbeam.packets.columns import PacketColumns
+from flowbeam.packets.range_state import HeadPackets, RangeState
 
 DEFAULT_MAX_DISORDER_US = 100_000
 MIN_HOLD_BACK_PACKETS = 4096
@@ -78,11 +86,15 @@ class FragmentAggregator:
     ``add`` returns the fragments that can no longer change (often none); ``finish`` ends the
     input, returns everything still open and makes the aggregator ready for a new input.
     Memory is bounded by the flush window, the held-back packets and one row per open flow.
+
+    ``heads``: the input is a split read's range after the first: set aside each key's head
+    packets (``range_state``) and end with ``handoff``.
     """
 
     def __init__(self, idle_timeout_us: int, active_timeout_us: int, byte_accounting: str = "ip",
                  flush_every_packets: int = 500_000, *,
-                 max_disorder_us: int = DEFAULT_MAX_DISORDER_US, scope: str = "") -> None:
+                 max_disorder_us: int = DEFAULT_MAX_DISORDER_US, scope: str = "",
+                 heads: bool = False) -> None:
         if idle_timeout_us <= 0 or active_timeout_us <= 0:
             raise ValueError("idle and active timeouts must be positive")
         if byte_accounting not in ("ip", "frame"):
@@ -96,6 +108,7 @@ class FragmentAggregator:
         self._max_disorder = int(max_disorder_us)
         self._scope = scope  # the flow key's scope (a sensor name) of every fragment
         self._hold_cap = max(self._flush_every, MIN_HOLD_BACK_PACKETS)
+        self._heads = heads
         self._reset()
 
     def _reset(self) -> None:
@@ -106,12 +119,17 @@ class FragmentAggregator:
         self._closed = Rows.empty()  # final rows whose open_at_end is not known yet
         self._max_ts: int | None = None
         self._cut: int | None = None  # packets before it are reduced into rows
+        self._head_until: int | None = None  # heads: a safe reset is at or after it
+        self._head: list[HeadPackets] = []  # heads: the head packets set aside
 
     def add(self, packets: PacketColumns) -> list[Fragment]:
         """Stage a batch; every ``flush_every_packets`` packets, return what is complete."""
         if len(packets) == 0:
             return []
         staged = stage(packets, self._frame_bytes)
+        if self._heads and self._max_ts is None:
+            # Earlier ranges' packets are at most max_disorder newer than any of this range.
+            self._head_until = int(staged.t2.min() >> 1) + self._max_disorder + self._idle
         newest = int(staged.t2.max() >> 1)
         self._max_ts = newest if self._max_ts is None else max(self._max_ts, newest)
         self._staged.append(staged)
@@ -122,28 +140,65 @@ class FragmentAggregator:
 
     def finish(self) -> list[Fragment]:
         """End of input: every remaining row, ``open_at_end`` where ``last + idle > end``."""
+        if self._heads:
+            raise RuntimeError("a range with head packets ends with handoff, not finish")
         if self._max_ts is None:
             return []
         fragments = self._flush(final=True)
         self._reset()
         return fragments
 
+    def handoff(self) -> tuple[list[Fragment], RangeState]:
+        """End of a split read's range: what is final, and the state its file's fold goes on
+        from (packets at or after the cut stay held back, as between flush windows)."""
+        if self._max_ts is None:
+            return [], RangeState.empty()
+        fragments = self._flush(final=False)
+        state = RangeState(HeadPackets.join(self._head) if self._head else None,
+                           self._open.take(~self._open.head), self._closed, self._held,
+                           self._cut, self._max_ts)
+        self._reset()
+        return fragments, state
+
+    def resume(self, state: RangeState) -> list[Fragment]:
+        """Fold the next range of a split read (``range_state``): reduce its head packets
+        with the state so far at its cut, then take over its open rows and held packets."""
+        if state.newest_us is None:
+            return []
+        if state.head is not None:
+            self._staged.append(state.head.staged())
+        self._max_ts = state.newest_us if self._max_ts is None else max(self._max_ts,
+                                                                        state.newest_us)
+        fragments = self._flush(final=False, cut=state.cut)
+        self._open = Rows.concat([self._open, state.open])
+        self._closed = Rows.concat([self._closed, state.closed])
+        if state.held is not None:
+            self._staged.append(state.held)
+            self._staged_count += len(state.held)
+        return fragments
+
     # -- one flush window -------------------------------------------------------------------
 
-    def _flush(self, final: bool) -> list[Fragment]:
+    def _flush(self, final: bool, cut: int | None = None) -> list[Fragment]:
+        """Reduce a window; ``cut``: the cut to use (else the next one after the newest)."""
         assert self._max_ts is not None
         parts = ([self._held] if self._held is not None else []) + self._staged
         self._staged, self._staged_count, self._held = [], 0, None
         previous_cut = self._cut
         if not final:
-            self._cut = self._next_cut(parts)
+            if cut is None:
+                self._cut = self._next_cut(parts)
+            elif self._cut is None or cut > self._cut:
+                self._cut = cut
             parts, held = _split_at(parts, self._cut)
             self._held = Staged.join(held) if held else None
         late = previous_cut is not None and any(
             int(part.t2.min() >> 1) < previous_cut for part in parts)
         window = Window(self._idle, self._active, None if final else self._cut,
-                         self._max_ts, late)
+                        self._max_ts, late, self._head_until)
         kept, closed, emitted = window.reduce(self._open, parts)
+        if window.head is not None:
+            self._head.append(window.head)
         self._open = kept
         closed = Rows.concat([self._closed, closed])
         due = (closed.last + self._idle <= self._max_ts) | final

@@ -28,21 +28,21 @@ _MAX_VLAN = 0xFFFE  # stored as vlan + 1 in 16 bits
 _KEY_FIELDS = ("misc", "a_hi", "a_lo", "b_hi", "b_lo", "hash")
 
 
-class _Columns:
+class Columns:
     """A dataclass of equal-length arrays: joined and sliced column by column."""
 
     @classmethod
-    def join(cls, parts: list) -> _Columns:
+    def join(cls, parts: list) -> Columns:
         if len(parts) == 1:
             return parts[0]
         return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
-    def take(self, index: np.ndarray) -> _Columns:
+    def take(self, index: np.ndarray) -> Columns:
         return type(self)(*(getattr(self, f.name)[index] for f in fields(self)))
 
 
 @dataclass
-class Staged(_Columns):
+class Staged(Columns):
     """One batch of packets as key columns: what ``add`` keeps until the next flush."""
 
     t2: np.ndarray  # int64: ts_us * 2 + side (side 1 = B), so sorting by t2 is (time, side)
@@ -60,7 +60,7 @@ class Staged(_Columns):
 
 
 @dataclass
-class Rows(_Columns):
+class Rows(Columns):
     """Rows as columns: the open rows, rows waiting to be emitted, a window's reduced rows.
 
     Flags hold side A in the low byte and side B in the high byte; ``t2`` is
@@ -68,6 +68,7 @@ class Rows(_Columns):
     pure SYN), so a plain minimum gives ``merge``'s (time, side) order. ``prev_flags`` and
     ``prev_last`` describe the flow's earlier rows when this row continues a flow after an
     active timeout (0 and NO_TIME otherwise): what ``split_rows`` needs as a Continuation.
+    ``head``: an open row that only tracks a split read's head packets (``range_state``).
     """
 
     misc: np.ndarray
@@ -86,13 +87,15 @@ class Rows(_Columns):
     syn2: np.ndarray
     prev_flags: np.ndarray  # uint16
     prev_last: np.ndarray
+    head: np.ndarray  # bool
 
     def __len__(self) -> int:
         return len(self.t2)
 
     @classmethod
     def empty(cls) -> Rows:
-        dtypes = [np.uint64] * 6 + [np.int64] * 6 + [np.uint16, np.int64, np.uint16, np.int64]
+        dtypes = ([np.uint64] * 6 + [np.int64] * 6 + [np.uint16, np.int64, np.uint16, np.int64]
+                  + [bool])
         return cls(*(np.empty(0, dtype) for dtype in dtypes))
 
     @classmethod
@@ -188,7 +191,8 @@ class Elements:
             np.add.reduceat(self.a_pk, starts), np.add.reduceat(self.a_by, starts),
             np.add.reduceat(self.b_pk, starts), np.add.reduceat(self.b_by, starts),
             np.bitwise_or.reduceat(self.flags, starts), np.minimum.reduceat(self.syn2, starts),
-            np.zeros(len(starts), np.uint16), np.full(len(starts), NO_TIME, np.int64))
+            np.zeros(len(starts), np.uint16), np.full(len(starts), NO_TIME, np.int64),
+            np.zeros(len(starts), bool))
 
 
 def elements(open_rows: Rows, packets: list[Staged]) -> Elements:

@@ -31,6 +31,7 @@ from flowbeam.packets.aggregation_columns import (
     key_columns,
     value_columns,
 )
+from flowbeam.packets.range_state import HeadPackets, head_ends, head_packets, head_rows
 
 _INT64_MIN = np.iinfo(np.int64).min
 _FIN_RST_BOTH = (TCP_FIN | TCP_RST) | (TCP_FIN | TCP_RST) << 8
@@ -40,12 +41,15 @@ class Window:
     """The reduction of one flush window: the open rows of earlier windows plus new packets."""
 
     def __init__(self, idle: int, active: int, cut: int | None, max_ts: int,
-                 late: bool) -> None:
+                 late: bool, head_until: int | None = None) -> None:
         self._idle = idle
         self._active = active
         self._cut = cut  # None: the input has ended, everything is emitted
         self._max_ts = max_ts
         self._late = late  # some packets are older than the previous window's cut
+        # A split read's range after the first: keys start with head packets (range_state).
+        self._head_until = head_until
+        self.head: HeadPackets | None = None  # the window's head packets, set by ``reduce``
 
     def reduce(self, open_rows: Rows, packets: list[Staged]) -> tuple[Rows, Rows, Rows]:
         """(rows kept open, final rows waiting for their open_at_end, rows to emit)."""
@@ -54,23 +58,42 @@ class Window:
         e = elements(open_rows, packets)
         key_starts = np.flatnonzero(np.concatenate(([True], e.key_change)))
         slow_keys = self._slow_keys(e, key_starts)
-        fast = self._fast_rows(e, key_starts, slow_keys)
+        head_end = None
+        if self._head_until is not None:
+            head_end = head_ends(e, key_starts, slow_keys, open_rows.head, self._idle,
+                                 self._head_until)
+            if head_end is not None:
+                self.head = head_packets(e, key_starts, head_end)
+        fast = self._fast_rows(e, key_starts, slow_keys, head_end)
         if not slow_keys.any():
             return fast
         key_ends = np.append(key_starts[1:], len(e))
-        slow = self._slow_rows(e, key_starts[slow_keys], key_ends[slow_keys])
+        slow = self._slow_rows(e, key_starts[slow_keys], key_ends[slow_keys],
+                               None if head_end is None else head_end[slow_keys])
         kept, closed, emitted = (Rows.concat([a, b]) for a, b in zip(fast, slow, strict=True))
         return kept, closed, emitted
 
-    def _decide(self, rows: Rows, key_last: np.ndarray) -> tuple[Rows, Rows, Rows]:
+    def _decide(self, rows: Rows, key_last: np.ndarray,
+                head: np.ndarray | None) -> tuple[Rows, Rows, Rows]:
         """The last row of a key stays open until no packet still to come can join it (its
         last packet is ``idle`` before the cut); a final row whose ``open_at_end`` could
-        still be True waits until ``last + idle <= newest timestamp``."""
+        still be True waits until ``last + idle <= newest timestamp``.
+
+        Head rows (``range_state``) are never emitted: their packets went to the head. A
+        key's last head row stays open as its tracker until a packet still to come would be
+        a safe reset (``idle`` before the cut, and the cut at or after ``head_until``)."""
         if self._cut is None:
             return Rows.empty(), Rows.empty(), rows
         keep = key_last & (rows.last + self._idle > self._cut)
         closed = ~key_last & (rows.last + self._idle > self._max_ts)
-        return rows.take(keep), rows.take(closed), rows.take(~keep & ~closed)
+        if head is None:
+            return rows.take(keep), rows.take(closed), rows.take(~keep & ~closed)
+        tracker = head & key_last & (keep | (self._cut < self._head_until))
+        keep = (keep & ~head) | tracker
+        closed &= ~head
+        kept = rows.take(keep)
+        kept.head = tracker[keep]
+        return kept, rows.take(closed), rows.take(~keep & ~closed & ~head)
 
     def _slow_keys(self, e: Elements, key_starts: np.ndarray) -> np.ndarray:
         """Keys the vectorised rules cannot decide: possible port reuse, late overlaps."""
@@ -95,8 +118,8 @@ class Window:
                      >= np.minimum.reduceat(packet_first, key_starts))
         return slow
 
-    def _fast_rows(self, e: Elements, key_starts: np.ndarray,
-                   slow_keys: np.ndarray) -> tuple[Rows, Rows, Rows]:
+    def _fast_rows(self, e: Elements, key_starts: np.ndarray, slow_keys: np.ndarray,
+                   head_end: np.ndarray | None) -> tuple[Rows, Rows, Rows]:
         """Rows cut at key changes, idle gaps and active-timeout chain points.
 
         Elements of a key are in time order and (outside slow keys) never overlap, so the
@@ -120,10 +143,12 @@ class Window:
             e, rows, row_starts, seg_starts[chained], seg_ends[chained])
         key_of_row = np.searchsorted(key_starts, row_starts, side="right") - 1
         key_last = np.append(key_of_row[1:] != key_of_row[:-1], True)
+        head = head_rows(rows, key_of_row, head_end)
         fast = ~slow_keys[key_of_row]
         if not fast.all():
             rows, key_last = rows.take(fast), key_last[fast]
-        return self._decide(rows, key_last)
+            head = None if head is None else head[fast]
+        return self._decide(rows, key_last, head)
 
     def _chain(self, first: np.ndarray, start: int, end: int) -> np.ndarray:
         """Active-timeout chain points of one idle-delimited segment (a long flow): each row
@@ -155,8 +180,8 @@ class Window:
                 prev_flags[r + 1], prev_last[r + 1] = flags, last
         return prev_flags, prev_last
 
-    def _slow_rows(self, e: Elements, starts: np.ndarray,
-                   ends: np.ndarray) -> tuple[Rows, Rows, Rows]:
+    def _slow_rows(self, e: Elements, starts: np.ndarray, ends: np.ndarray,
+                   head_end: np.ndarray | None) -> tuple[Rows, Rows, Rows]:
         """Keys cut by ``flow_engine.split_rows`` itself, on one fragment per packet (and the
         key's open row, with its flow's earlier rows as the Continuation). The conversions
         to and from Python objects are done once for all slow keys of the window."""
@@ -183,7 +208,8 @@ class Window:
         key_index = np.array(key_index)
         rows = _rows_of_fragments({name: column[key_index] for name, column in
                                    packed_keys.items()}, merged, prev_flags, prev_last)
-        return self._decide(rows, np.append(key_index[1:] != key_index[:-1], True))
+        return self._decide(rows, np.append(key_index[1:] != key_index[:-1], True),
+                            head_rows(rows, key_index, head_end))
 
     def _split_key(self, fragments: list[Fragment], continuation: Continuation | None,
                    ) -> list[tuple[Fragment, int, int]]:
@@ -243,4 +269,5 @@ def _rows_of_fragments(keys: dict[str, np.ndarray], fragments: list[Fragment],
         b_pk=field("b_packets"), b_by=field("b_bytes"),
         flags=(field("a_flags") | field("b_flags") << 8).astype(np.uint16),
         syn2=np.where(syn_us == NO_TIME, INT64_MAX, syn_us * 2 + syn_sender),
-        prev_flags=np.array(prev_flags, np.uint16), prev_last=np.array(prev_last, np.int64))
+        prev_flags=np.array(prev_flags, np.uint16), prev_last=np.array(prev_last, np.int64),
+        head=np.zeros(len(fragments), bool))

@@ -5,13 +5,16 @@ A capture file (``transforms.capture_files``) and a Pub/Sub packet batch both ar
 the packets into flow fragments (``FragmentAggregator``), keeping the counts a run reports:
 packets, bytes (as ``byte_accounting`` counts them), malformed packets per reason, and link
 types it could not decode. The Beam DoFns around it only add metrics and dead letters.
+
+A split read's range (``flowbeam.capture.splits``) ends with ``finish_range`` instead of
+``finish``; ``fold_ranges`` then turns its file's range states into the remaining fragments.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -20,6 +23,7 @@ from flowbeam.flows.fragment import Fragment
 from flowbeam.packets.aggregation import FragmentAggregator
 from flowbeam.packets.columns import COLUMN_NAMES, PacketColumns
 from flowbeam.packets.decoder import PacketDecoder
+from flowbeam.packets.range_state import RangeState
 
 # The wire length given to records decoded only for context (``resolve``): no real frame has
 # it, so their rows are told apart from the waiting fragments they release.
@@ -30,20 +34,21 @@ class PacketsToFragments:
     """The record batches of one capture in, fragments out; feed every batch, then ``finish``.
 
     ``sensor`` scopes the flow keys: the same 5-tuple seen by two sensors is two flows.
+    ``heads``: the batches are a split read's range after the first (``range_state``).
 
     ``packets`` and ``bytes`` count the decoded IP packets so far; ``malformed`` and
     ``unknown_linktypes`` are what the decoder skipped.
     """
 
     def __init__(self, idle_timeout_us: int, active_timeout_us: int,
-                 byte_accounting: str = "ip", sensor: str = "") -> None:
+                 byte_accounting: str = "ip", sensor: str = "", heads: bool = False) -> None:
         self._frame_bytes = byte_accounting == "frame"
         self._decoder = PacketDecoder()
         self._aggregator = FragmentAggregator(
-            idle_timeout_us, active_timeout_us, byte_accounting=byte_accounting, scope=sensor)
+            idle_timeout_us, active_timeout_us, byte_accounting=byte_accounting, scope=sensor,
+            heads=heads)
         self.packets = 0
         self.bytes = 0
-        self.newest_us: int | None = None  # latest packet time aggregated
         self._priming = False
 
     def prime(self, batch: RecordBatch) -> None:
@@ -78,6 +83,14 @@ class PacketsToFragments:
         self._end_priming()
         return self._aggregate(self._decoder.flush()) + self._aggregator.finish()
 
+    def finish_range(self) -> tuple[list[Fragment], RangeState]:
+        """A split read's range has ended: its fragments that are final, and the state its
+        file's ``fold_ranges`` goes on from."""
+        self._end_priming()
+        fragments = self._aggregate(self._decoder.flush())
+        final, state = self._aggregator.handoff()
+        return fragments + final, state
+
     @property
     def malformed(self) -> Mapping[str, int]:
         """Packets skipped, per reason."""
@@ -96,22 +109,18 @@ class PacketsToFragments:
             self._decoder.unknown_linktypes.clear()
 
     def _aggregate(self, packets: PacketColumns) -> list[Fragment]:
-        if len(packets):
-            newest = int(packets.ts_us.max())
-            self.newest_us = newest if self.newest_us is None else max(self.newest_us, newest)
         self.packets += len(packets)
         column = packets.frame_bytes if self._frame_bytes else packets.ip_bytes
         self.bytes += int(column.sum())
         return self._aggregator.add(packets)
 
 
-def settle_open_at_end(fragments: list[Fragment], newest_us: int,
-                       idle_timeout_us: int) -> list[Fragment]:
-    """A split read's fragments with ``open_at_end`` decided against the whole file.
-
-    Each range's aggregator only knows its own newest packet, so it marks a flow open at the
-    end when the *range* ended within the idle timeout; the file's ``newest_us`` decides.
-    """
-    return [f._replace(open_at_end=False)
-            if f.open_at_end and f.last_us + idle_timeout_us <= newest_us else f
-            for f in fragments]
+def fold_ranges(states: Iterable[RangeState], idle_timeout_us: int, active_timeout_us: int,
+                sensor: str = "") -> list[Fragment]:
+    """The fragments a split read's ranges left to their file (their states, in range order):
+    with the ranges' own fragments, exactly those of one whole read."""
+    aggregator = FragmentAggregator(idle_timeout_us, active_timeout_us, scope=sensor)
+    fragments = []
+    for state in states:
+        fragments += aggregator.resume(state)
+    return fragments + aggregator.finish()
