@@ -9,6 +9,7 @@ a summary. Every option can also come from ``FLOWBEAM_<NAME>``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -17,9 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from flowbeam.capture.splits import plan_ranges
 from flowbeam.env_options import env_default, unknown_environment
 from pipelines.local_cores import spread_over_cores
 from pipelines.options import (
@@ -68,21 +71,41 @@ class CaptureSplitOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser: Any) -> None:
         parser.add_argument(
-            "--split_mb", type=float, default=env_default("split_mb", 0.0),
+            "--split_mb", type=float, default=env_default("split_mb"),
             help="Decode an uncompressed capture bigger than this many MB as byte ranges of "
-                 "about this size, on several workers (default 0: every file whole; e.g. 64 "
-                 "on Dataflow for captures of many GB). Rows equal a whole read's except for "
-                 "flows crossing a range boundary, cut as across two capture files (a port "
-                 "reused after FIN within the idle timeout, active-timeout rows): 10 of "
-                 "113,869 rows differed on a 20M-packet capture split at 256 MB.")
+                 "about this size, on several workers at once; the rows are a whole read's "
+                 f"(default: {AUTO_SPLIT_MB} when the run has several workers, on Dataflow or "
+                 "on a local machine's cores, else 0: every file whole).")
 
 
-def split_mb_of(options: PipelineOptions) -> float:
-    """``--split_mb``, validated."""
+# Ranges of this size keep two local cores evenly busy on a capture of a few GB, and give a
+# Dataflow job many ranges to spread; each costs a few MB of re-read at its edges.
+AUTO_SPLIT_MB = 256.0
+# Runners whose workers are spread over machines: a big capture is always worth splitting.
+DISTRIBUTED_RUNNERS = ("DataflowRunner",)
+
+
+def split_mb_of(options: PipelineOptions, workers: int = 1) -> float:
+    """``--split_mb``, validated; when not given, ``AUTO_SPLIT_MB`` on a distributed runner or
+    with several local ``workers``, else 0."""
     split_mb = options.view_as(CaptureSplitOptions).split_mb
+    if split_mb is None:
+        distributed = options.view_as(StandardOptions).runner in DISTRIBUTED_RUNNERS
+        return AUTO_SPLIT_MB if distributed or workers > 1 else 0.0
     if split_mb < 0:
         raise OptionsError(f"--split_mb must be 0 (no splits) or positive, got {split_mb:g}")
     return split_mb
+
+
+def decodable_parts(sizes: dict[str, int], split_mb: float) -> int:
+    """How many pieces the files of ``sizes`` (path: bytes) can be decoded in at once with
+    ranges of ``split_mb``: a range each for an uncompressed file (``DecodeCaptures`` splits
+    only those), one for any other."""
+    split_bytes = round(split_mb * (1 << 20))
+    return sum(len(plan_ranges(size, split_bytes))
+               if CompressionTypes.detect_compression_type(path) == CompressionTypes.UNCOMPRESSED
+               else 1
+               for path, size in sizes.items())
 
 
 @dataclass(frozen=True)
@@ -180,7 +203,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     FileSystems.set_options(options)  # s3:// and gs:// credentials, endpoints, regions
     matched: dict[str, int] = {}
     startup_dead_letters = check_inputs(config.inputs, matched)
-    spread_over_cores(options, argv_list, sum(matched.values()))
+    splits = options.view_as(CaptureSplitOptions).split_mb
+    parts = decodable_parts(matched, AUTO_SPLIT_MB if splits is None else splits)
+    workers = spread_over_cores(options, argv_list, sum(matched.values()), parts)
+    config = dataclasses.replace(config, split_mb=split_mb_of(options, workers))
     staging = None
     if bigquery is not None:
         try:

@@ -17,7 +17,8 @@ from pipelines.local_cores import (
     spread_over_cores,
     worker_message,
 )
-from pipelines.pcap_flows import run
+from pipelines.options import OptionsError
+from pipelines.pcap_flows import AUTO_SPLIT_MB, decodable_parts, run, split_mb_of
 from tests.test_pcap_pipeline import read_flows, summary_of
 
 SHARED_PCAPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pcaps"
@@ -64,18 +65,19 @@ def direct(argv: list[str]) -> tuple[PipelineOptions, DirectOptions]:
 
 def test_a_big_local_run_takes_a_worker_per_core():
     options, chosen = direct(["--runner=FnApiRunner"])
-    assert spread_over_cores(options, ["--runner=FnApiRunner"], BIG, cores=2) == 2
+    assert spread_over_cores(options, ["--runner=FnApiRunner"], BIG, 2, cores=2) == 2
     assert (chosen.direct_num_workers, chosen.direct_running_mode) == (2, "multi_processing")
 
 
-@pytest.mark.parametrize(("argv", "input_bytes", "cores"), [
-    (["--runner=FnApiRunner"], BIG - 1, 2),  # too little input to pay for the workers
-    (["--runner=FnApiRunner"], BIG, 1),  # one core
-    (["--runner=DataflowRunner"], BIG, 2),  # not local
+@pytest.mark.parametrize(("argv", "input_bytes", "parts", "cores"), [
+    (["--runner=FnApiRunner"], BIG - 1, 2, 2),  # too little input to pay for the workers
+    (["--runner=FnApiRunner"], BIG, 1, 2),  # one piece of work (a big .gz): nothing to share
+    (["--runner=FnApiRunner"], BIG, 2, 1),  # one core
+    (["--runner=DataflowRunner"], BIG, 2, 2),  # not local
 ])
-def test_other_runs_stay_in_one_process(argv, input_bytes, cores):
+def test_other_runs_stay_in_one_process(argv, input_bytes, parts, cores):
     options, chosen = direct(argv)
-    assert spread_over_cores(options, argv, input_bytes, cores=cores) == 1
+    assert spread_over_cores(options, argv, input_bytes, parts, cores=cores) == 1
     assert (chosen.direct_num_workers, chosen.direct_running_mode) == (1, "in_memory")
 
 
@@ -83,11 +85,11 @@ def test_the_users_choice_of_workers_wins():
     argv = ["--runner=FnApiRunner", "--direct_num_workers=3",
             "--direct_running_mode=multi_threading"]
     options, chosen = direct(argv)
-    assert spread_over_cores(options, argv, BIG, cores=2) == 3
+    assert spread_over_cores(options, argv, BIG, 2, cores=2) == 3
     assert (chosen.direct_num_workers, chosen.direct_running_mode) == (3, "multi_threading")
     argv = ["--runner=FnApiRunner", "--direct_running_mode=in_memory"]
     options, chosen = direct(argv)
-    assert spread_over_cores(options, argv, BIG, cores=2) == 1
+    assert spread_over_cores(options, argv, BIG, 2, cores=2) == 1
     assert chosen.direct_num_workers == 1
 
 
@@ -112,3 +114,26 @@ def test_worker_processes_give_the_rows_of_one_process(tmp_path, capsys, caplog)
         assert two[label] == one[label]
     messages = [record.getMessage() for record in caplog.records]
     assert not [m for m in messages if "LogEntry" in m or "severity:" in m], messages
+
+
+@pytest.mark.parametrize(("argv", "workers", "expected"), [
+    ([], 1, 0.0),  # one process: splitting a file only costs
+    ([], 2, AUTO_SPLIT_MB),
+    (["--runner=DataflowRunner"], 1, AUTO_SPLIT_MB),
+    (["--split_mb=0"], 2, 0.0),  # the user's choice wins
+    (["--split_mb=64"], 1, 64.0),
+])
+def test_big_captures_are_split_when_there_are_workers_to_share_them(argv, workers, expected):
+    assert split_mb_of(PipelineOptions(argv), workers) == expected
+
+
+def test_a_negative_split_size_is_refused():
+    with pytest.raises(OptionsError, match=r"--split_mb must be 0 \(no splits\) or positive"):
+        split_mb_of(PipelineOptions(["--split_mb=-1"]), 2)
+
+
+def test_parts_count_ranges_of_uncompressed_files_and_whole_compressed_ones():
+    mib = 1 << 20
+    sizes = {"a.pcap": 600 * mib, "b.pcapng": 100 * mib, "c.pcap.gz": 900 * mib}
+    assert decodable_parts(sizes, 256) == 3 + 1 + 1
+    assert decodable_parts(sizes, 0) == 3  # no splits: a file each
