@@ -25,7 +25,7 @@ in file mode it expires flows only at the end; its flows are counted as nfdump p
 received one-way records into bidirectional 5-tuple flows, ``nfdump -b``: whole-file
 conversations). Peak RSS is that of the tool's whole process tree: the larger of GNU
 time's (``/usr/bin/time -f %M``, the largest single process) and the sum over the tree
-sampled every 50 ms (a multi-core flowbeam run has several worker processes). Prints the
+sampled every 100 ms (a multi-core flowbeam run has several worker processes). Prints the
 median packets/s of each tool, flowbeam's ratio to each, peak RSS and flow counts (all IP
 flows, and TCP+UDP only where the tool says).
 """
@@ -77,6 +77,7 @@ ARGUS_MAR_STATUS_INTERVAL=3600
 """ + "".join(f"ARGUS_{kind}_TIMEOUT=120\n"
               for kind in ("IP", "TCP", "ICMP", "IGMP", "FRAG", "ARP", "OTHER"))
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+SAMPLE_EVERY_S = 0.1  # how often a run's process tree is sampled for its memory
 SOFTFLOWD_TIMEOUTS = ("general=120", "tcp=120", "tcp.rst=120", "tcp.fin=120", "udp=120",
                       "icmp=120", "maxlife=1800")
 
@@ -99,7 +100,7 @@ def run_measured(argv: list[str]) -> tuple[float, int, str]:
     until ``exec``, and Linux keeps that high-water mark in the child's ``ru_maxrss``, so every
     tool would look at least as big as this harness). A tool that runs several processes at
     once (flowbeam's workers on a multi-core run) holds their sum, which ``_tree_rss`` samples
-    every 50 ms while the command runs.
+    every ``SAMPLE_EVERY_S`` while the command runs.
     """
     with (tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file,
           tempfile.TemporaryFile("w+") as output):
@@ -109,7 +110,7 @@ def run_measured(argv: list[str]) -> tuple[float, int, str]:
         tree_peak = 0
         while process.poll() is None:
             tree_peak = max(tree_peak, _tree_rss(process.pid))
-            time.sleep(0.05)
+            time.sleep(SAMPLE_EVERY_S)
         elapsed = time.perf_counter() - started
         output.seek(0)
         stdout = output.read()
@@ -120,23 +121,20 @@ def run_measured(argv: list[str]) -> tuple[float, int, str]:
 
 
 def _tree_rss(root: int) -> int:
-    """Bytes resident in ``root`` and all its descendants now (0 once it has gone)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
+    """Bytes resident in ``root`` and all its descendants now (0 once it has gone).
+
+    The tree is walked through ``/proc/PID/task/TID/children`` rather than a scan of all of
+    ``/proc``: the sampling must cost little, as it shares the cores with the tool measured.
+    """
     total, pending = 0, [root]
     while pending:
         pid = pending.pop()
-        pending.extend(children.get(pid, ()))
         try:
             with open(f"/proc/{pid}/statm") as statm:
                 total += int(statm.read().split()[1]) * PAGE_BYTES
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as children:
+                    pending.extend(int(child) for child in children.read().split())
         except (OSError, IndexError, ValueError):
             continue
     return total
