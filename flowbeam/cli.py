@@ -77,7 +77,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"flowbeam: error: unknown command {command!r} (choose from {commands})",
               file=sys.stderr)
         sys.exit(2)
-    sys.exit(run_pipeline(command, rest))
+    code = run_pipeline(command, rest)
+    if command == "pcap":  # a batch run: done once its summary is out
+        from pipelines.local_cores import exit_after_run
+        exit_after_run(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ import codecs
 import logging
 import os
 import re
+import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
@@ -91,3 +93,14 @@ def install_worker_log_filter() -> None:
     logger = logging.getLogger(_WORKER_LOGGER)
     if not any(isinstance(existing, WorkerLogFilter) for existing in logger.filters):
         logger.addFilter(WorkerLogFilter())
+
+
+def exit_after_run(code: int) -> NoReturn:
+    """End the process once a batch run is over and its summary printed, without the
+    interpreter's teardown of what Beam's runner leaves behind (its gRPC servers and worker
+    channels): that took ~0.75 s after a 20M-packet run, with every file already closed.
+    Output is flushed first; nothing else is pending."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -24,7 +24,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from flowbeam.capture.splits import plan_ranges
 from flowbeam.env_options import env_default, unknown_environment
-from pipelines.local_cores import spread_over_cores
+from pipelines.local_cores import exit_after_run, spread_over_cores
 from pipelines.options import (
     USAGE_ERROR,
     BigQueryOptions,
@@ -242,7 +242,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    sys.exit(run())
+    exit_after_run(run())
 
 
 if __name__ == "__main__":

@@ -62,6 +62,21 @@ def test_pcap_reads_the_generated_capture(sample, tmp_path):
     assert sum(r["src_packets"] + r["dst_packets"] for r in rows) == packets
 
 
+def test_the_module_entry_point_ends_with_its_whole_summary(sample, tmp_path):
+    """``python -m pipelines.pcap_flows`` (the README's main job) ends the process without
+    the interpreter's teardown: its piped output must still be complete."""
+    path, packets = sample
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-m", "pipelines.pcap_flows", "--input", str(path),
+                           "--output", str(tmp_path)], capture_output=True, text=True,
+                          env=buffered, timeout=120, check=False)
+    assert (done.returncode, done.stderr) == (0, "")
+    summary = summary_of(done.stdout)
+    assert (summary["packets"], summary["flows"]) == (str(packets), "10")
+    assert done.stdout.splitlines()[-1].split()[0] == "packets/s"
+    assert len(read_flows(tmp_path)) == 10
+
+
 def test_a_rerun_replaces_the_earlier_files_in_one_line(sample, tmp_path):
     path, _ = sample
     (tmp_path / "flows-00001-of-00002.parquet").write_bytes(b"an earlier run's shard")
