@@ -179,14 +179,19 @@ def batches_of(rng: random.Random, packets: list[Pkt], largest: int = 120) -> li
     return batches
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_same_rows_as_one_fragment_per_packet_with_bounded_disorder(seed):
-    rng = random.Random(seed)
+def random_scenario(rng: random.Random) -> tuple[int, int, list[Pkt], int]:
+    """Random rule settings and traffic: (idle, active, packets in time order, max disorder)."""
     idle = rng.choice([200, 500, 1_000])
     active = rng.choice([idle, 3 * idle, 10 * idle, 10**12])
     packets = random_packets(rng, rng.randint(500, 3000), rng.randint(20, 300),
                              span_us=rng.choice([20_000, 60_000]), grid_us=rng.choice([1, 7, 50]))
-    max_disorder = rng.choice([0, 30, 300, 3_000])
+    return idle, active, packets, rng.choice([0, 30, 300, 3_000])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_same_rows_as_one_fragment_per_packet_with_bounded_disorder(seed):
+    rng = random.Random(seed)
+    idle, active, packets, max_disorder = random_scenario(rng)
     arrival = disorder(rng, packets, max_disorder)
     assert_same_rows(batches_of(rng, arrival), idle, active,
                      flush_every_packets=rng.choice([1, 5, 37, 200, 100_000]),

@@ -22,7 +22,7 @@ from tests.test_packet_aggregation import (
     columns,
     disorder,
     one_fragment,
-    random_packets,
+    random_scenario,
     rows_by_key,
 )
 
@@ -148,11 +148,7 @@ def test_disorder_at_a_boundary(seed):
 @pytest.mark.parametrize("seed", range(40))
 def test_random_traffic_split_anywhere_gives_the_per_packet_rows(seed):
     rng = random.Random(seed)
-    idle = rng.choice([200, 500, 1_000])
-    active = rng.choice([idle, 3 * idle, 10 * idle, 10**12])
-    packets = random_packets(rng, rng.randint(500, 3000), rng.randint(20, 300),
-                             span_us=rng.choice([20_000, 60_000]), grid_us=rng.choice([1, 7, 50]))
-    max_disorder = rng.choice([0, 30, 300, 3_000])
+    idle, active, packets, max_disorder = random_scenario(rng)
     batches = batches_of(rng, disorder(rng, packets, max_disorder))
     for count in (2, 5, 12):
         bounds = sorted(rng.sample(range(1, len(batches)), min(count - 1, len(batches) - 1)))
