@@ -4,8 +4,8 @@ Beam's in-process engine (``FnApiRunner``) runs every stage on one core. With
 ``--direct_running_mode=multi_processing`` it starts ``--direct_num_workers`` SDK worker
 processes and hands each stage's input out among them; a big capture split into byte ranges
 (``transforms.capture_ranges``) is then decoded on every core at once. Starting the workers
-costs a Beam import each (~2 s), so only runs with enough input take them: a small capture
-still runs in one process.
+costs a Beam import each (~2 s) and stopping them ~1.5 s, so only runs with enough input take
+them: a capture of a few hundred MB still runs in one process.
 
 The workers' log lines reach the launcher through Beam's logging service, which prints each
 as a raw ``LogEntry`` protobuf; ``WorkerLogFilter`` turns them back into the message alone and
@@ -26,8 +26,10 @@ from typing import NoReturn
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 IN_PROCESS_RUNNER = "FnApiRunner"
-# Below this much input, starting worker processes costs more than the second core saves.
-MIN_BYTES_FOR_WORKERS = 256 << 20
+# Below this much input, the workers' fixed cost (~3 s to start them and stop them) is more than
+# the second core saves: the 3M-packet capture (460 MB) took 6.2-7.3 s in one process and
+# 8.8-9.5 s with two workers, the 20M one (3.3 GB) 26 s and 22.5 s; they break even near 1.5 GB.
+MIN_BYTES_FOR_WORKERS = 1536 << 20
 _WORKER_LOGGER = "apache_beam.runners.portability.local_job_service"
 _MESSAGE = re.compile(r'\bmessage: "((?:[^"\\]|\\.)*)"')
 _NOISE = ("No semi_persistent_directory found",)
