@@ -355,11 +355,10 @@ def absolute_pattern(pattern: str) -> str:
     return os.path.abspath(os.path.expanduser(pattern))
 
 
-def check_inputs(patterns: Sequence[str], paths: dict[str, int] | None = None) -> list[dict]:
+def check_inputs(patterns: Sequence[str], paths: set[str] | None = None) -> list[dict]:
     """Match every pattern once at start-up, so an empty glob or a bad path gets a clear
     message before any work starts; returns one dead letter per pattern that matched nothing.
-    ``paths``, when given, collects the files matched with their sizes (once each: the
-    progress total, and how much work the run has)."""
+    ``paths``, when given, collects the files matched (once each: the progress total)."""
     problems = []
     for pattern in patterns:
         try:
@@ -368,8 +367,7 @@ def check_inputs(patterns: Sequence[str], paths: dict[str, int] | None = None) -
             reason = f"cannot list {pattern!r}: {error}"
         else:
             if paths is not None:
-                paths.update((metadata.path, metadata.size_in_bytes)
-                             for metadata in matched)
+                paths.update(metadata.path for metadata in matched)
             if matched:
                 continue
             reason = f"no file matches {pattern!r}"

@@ -18,13 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from flowbeam.capture.splits import plan_ranges
 from flowbeam.env_options import env_default, unknown_environment
-from pipelines.local_cores import exit_after_run, spread_over_cores
+from pipelines.local_cores import exit_after_run, local_workers
 from pipelines.options import (
     USAGE_ERROR,
     BigQueryOptions,
@@ -74,11 +72,12 @@ class CaptureSplitOptions(PipelineOptions):
             "--split_mb", type=float, default=env_default("split_mb"),
             help="Decode an uncompressed capture bigger than this many MB as byte ranges of "
                  "about this size, on several workers at once; the rows are a whole read's "
-                 f"(default: {AUTO_SPLIT_MB} when the run has several workers, on Dataflow or "
-                 "on a local machine's cores, else 0: every file whole).")
+                 f"(default: {AUTO_SPLIT_MB:g} on Dataflow or with local worker processes, "
+                 "--direct_num_workers=N --direct_running_mode=multi_processing; else 0: "
+                 "every file whole).")
 
 
-# Ranges of this size keep two local cores evenly busy on a capture of a few GB, and give a
+# Ranges of this size keep two local workers evenly busy on a capture of a few GB, and give a
 # Dataflow job many ranges to spread; each costs a few MB of re-read at its edges.
 AUTO_SPLIT_MB = 256.0
 # Runners whose workers are spread over machines: a big capture is always worth splitting.
@@ -95,17 +94,6 @@ def split_mb_of(options: PipelineOptions, workers: int = 1) -> float:
     if split_mb < 0:
         raise OptionsError(f"--split_mb must be 0 (no splits) or positive, got {split_mb:g}")
     return split_mb
-
-
-def decodable_parts(sizes: dict[str, int], split_mb: float) -> int:
-    """How many pieces the files of ``sizes`` (path: bytes) can be decoded in at once with
-    ranges of ``split_mb``: a range each for an uncompressed file (``DecodeCaptures`` splits
-    only those), one for any other."""
-    split_bytes = round(split_mb * (1 << 20))
-    return sum(len(plan_ranges(size, split_bytes))
-               if CompressionTypes.detect_compression_type(path) == CompressionTypes.UNCOMPRESSED
-               else 1
-               for path, size in sizes.items())
 
 
 @dataclass(frozen=True)
@@ -201,12 +189,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"flowbeam: warning: {warning}", file=sys.stderr)
     default_runner(options)
     FileSystems.set_options(options)  # s3:// and gs:// credentials, endpoints, regions
-    matched: dict[str, int] = {}
+    matched: set[str] = set()
     startup_dead_letters = check_inputs(config.inputs, matched)
-    splits = options.view_as(CaptureSplitOptions).split_mb
-    parts = decodable_parts(matched, AUTO_SPLIT_MB if splits is None else splits)
-    workers = spread_over_cores(options, argv_list, sum(matched.values()), parts)
-    config = dataclasses.replace(config, split_mb=split_mb_of(options, workers))
+    config = dataclasses.replace(config, split_mb=split_mb_of(options, local_workers(options)))
     staging = None
     if bigquery is not None:
         try:

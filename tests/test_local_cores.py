@@ -1,5 +1,5 @@
-"""Local runs on every core: when the pcap pipeline takes worker processes, and what the
-launcher shows of their log lines."""
+"""Local runs with worker processes: when the pcap pipeline has them, what it splits for them,
+and what the launcher shows of their log lines."""
 
 from __future__ import annotations
 
@@ -8,21 +8,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.portability.api import beam_fn_api_pb2
 
-from pipelines.local_cores import (
-    MIN_BYTES_FOR_WORKERS,
-    WorkerLogFilter,
-    spread_over_cores,
-    worker_message,
-)
+from pipelines.local_cores import WorkerLogFilter, local_workers, worker_message
 from pipelines.options import OptionsError
-from pipelines.pcap_flows import AUTO_SPLIT_MB, decodable_parts, run, split_mb_of
+from pipelines.pcap_flows import AUTO_SPLIT_MB, run, split_mb_of
 from tests.test_pcap_pipeline import read_flows, summary_of
 
 SHARED_PCAPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pcaps"
-BIG = MIN_BYTES_FOR_WORKERS
 
 
 def relayed(message: str) -> logging.LogRecord:
@@ -58,39 +52,20 @@ def test_other_log_lines_are_left_alone():
     assert worker_message(r"caf\303\251") == "café"
 
 
-def direct(argv: list[str]) -> tuple[PipelineOptions, DirectOptions]:
-    options = PipelineOptions(argv)
-    return options, options.view_as(DirectOptions)
-
-
-def test_a_big_local_run_takes_a_worker_per_core():
-    options, chosen = direct(["--runner=FnApiRunner"])
-    assert spread_over_cores(options, ["--runner=FnApiRunner"], BIG, 2, cores=2) == 2
-    assert (chosen.direct_num_workers, chosen.direct_running_mode) == (2, "multi_processing")
-
-
-@pytest.mark.parametrize(("argv", "input_bytes", "parts", "cores"), [
-    (["--runner=FnApiRunner"], BIG - 1, 2, 2),  # too little input to pay for the workers
-    (["--runner=FnApiRunner"], BIG, 1, 2),  # one piece of work (a big .gz): nothing to share
-    (["--runner=FnApiRunner"], BIG, 2, 1),  # one core
-    (["--runner=DataflowRunner"], BIG, 2, 2),  # not local
+@pytest.mark.parametrize(("argv", "workers"), [
+    (["--runner=FnApiRunner"], 1),  # one process unless asked
+    (["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+     2),
+    (["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_threading"],
+     1),  # threads share one core's worth of Python
+    (["--runner=DataflowRunner", "--direct_num_workers=2",
+      "--direct_running_mode=multi_processing"], 1),  # not a local run
 ])
-def test_other_runs_stay_in_one_process(argv, input_bytes, parts, cores):
-    options, chosen = direct(argv)
-    assert spread_over_cores(options, argv, input_bytes, parts, cores=cores) == 1
-    assert (chosen.direct_num_workers, chosen.direct_running_mode) == (1, "in_memory")
-
-
-def test_the_users_choice_of_workers_wins():
-    argv = ["--runner=FnApiRunner", "--direct_num_workers=3",
-            "--direct_running_mode=multi_threading"]
-    options, chosen = direct(argv)
-    assert spread_over_cores(options, argv, BIG, 2, cores=2) == 3
-    assert (chosen.direct_num_workers, chosen.direct_running_mode) == (3, "multi_threading")
-    argv = ["--runner=FnApiRunner", "--direct_running_mode=in_memory"]
-    options, chosen = direct(argv)
-    assert spread_over_cores(options, argv, BIG, 2, cores=2) == 1
-    assert chosen.direct_num_workers == 1
+def test_local_workers_are_the_users_choice(argv, workers):
+    logger = logging.getLogger("apache_beam.runners.portability.local_job_service")
+    logger.filters = [f for f in logger.filters if not isinstance(f, WorkerLogFilter)]
+    assert local_workers(PipelineOptions(argv)) == workers
+    assert any(isinstance(f, WorkerLogFilter) for f in logger.filters) == (workers > 1)
 
 
 def test_worker_processes_give_the_rows_of_one_process(tmp_path, capsys, caplog):
@@ -130,10 +105,3 @@ def test_big_captures_are_split_when_there_are_workers_to_share_them(argv, worke
 def test_a_negative_split_size_is_refused():
     with pytest.raises(OptionsError, match=r"--split_mb must be 0 \(no splits\) or positive"):
         split_mb_of(PipelineOptions(["--split_mb=-1"]), 2)
-
-
-def test_parts_count_ranges_of_uncompressed_files_and_whole_compressed_ones():
-    mib = 1 << 20
-    sizes = {"a.pcap": 600 * mib, "b.pcapng": 100 * mib, "c.pcap.gz": 900 * mib}
-    assert decodable_parts(sizes, 256) == 3 + 1 + 1
-    assert decodable_parts(sizes, 0) == 3  # no splits: a file each
