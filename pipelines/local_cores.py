@@ -24,7 +24,8 @@ from typing import NoReturn
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-IN_PROCESS_RUNNER = "FnApiRunner"
+from pipelines.options import BATCH_RUNNER
+
 _WORKER_LOGGER = "apache_beam.runners.portability.local_job_service"
 _MESSAGE = re.compile(r'\bmessage: "((?:[^"\\]|\\.)*)"')
 _NOISE = ("No semi_persistent_directory found",)
@@ -41,7 +42,7 @@ def local_workers(options: PipelineOptions) -> int:
     between processes cost as much.
     """
     direct = options.view_as(DirectOptions)
-    if (options.view_as(StandardOptions).runner != IN_PROCESS_RUNNER
+    if (options.view_as(StandardOptions).runner != BATCH_RUNNER
             or direct.direct_running_mode != "multi_processing"):
         return 1
     install_worker_log_filter()

@@ -311,7 +311,9 @@ def print_help(prog: str, description: str | None,
     parser.print_help()
 
 
-# The local streaming runner (a BundleBasedDirectRunner that can read Kinesis).
+# The local runners: Beam's in-process engine for batch, and for streaming a
+# BundleBasedDirectRunner that can read Kinesis.
+BATCH_RUNNER = "FnApiRunner"
 STREAMING_RUNNER = "transforms.direct_streaming.StreamingDirectRunner"
 
 
@@ -322,7 +324,7 @@ def default_runner(options: PipelineOptions) -> None:
     cannot read Pub/Sub, nor hand on a stream's records while it is still reading it."""
     standard = options.view_as(StandardOptions)
     if standard.runner is None:
-        standard.runner = STREAMING_RUNNER if standard.streaming else "FnApiRunner"
+        standard.runner = STREAMING_RUNNER if standard.streaming else BATCH_RUNNER
 
 
 def launched_elsewhere(result: Any, options: PipelineOptions, streaming: bool) -> bool:

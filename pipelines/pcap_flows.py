@@ -9,7 +9,6 @@ a summary. Every option can also come from ``FLOWBEAM_<NAME>``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 import time
@@ -105,15 +104,18 @@ class PcapFlowsConfig:
     split_mb: float = 0.0  # whole files
 
 
-def parse_config(options: PipelineOptions, to_bigquery: bool = False) -> PcapFlowsConfig:
+def parse_config(options: PipelineOptions, to_bigquery: bool = False,
+                 workers: int = 1) -> PcapFlowsConfig:
     """Validate the options; raise ``OptionsError`` with a message a user can act on.
 
-    ``to_bigquery``: flows go to BigQuery, so the local sink (``--output``) is optional.
+    ``to_bigquery``: flows go to BigQuery, so the local sink (``--output``) is optional;
+    ``workers``: the local worker processes (``local_workers``), for the default split size.
     """
     inputs = input_patterns(options)
     if not inputs:
         raise OptionsError("--input is required (a capture file, glob, gs:// or s3:// path)")
-    return PcapFlowsConfig(inputs, flow_config(options, to_bigquery), split_mb_of(options))
+    return PcapFlowsConfig(inputs, flow_config(options, to_bigquery),
+                           split_mb_of(options, workers))
 
 
 def build(pipeline: beam.Pipeline, config: PcapFlowsConfig,
@@ -175,23 +177,23 @@ def run(argv: Sequence[str] | None = None) -> int:
             ("local sink", LocalSinkOptions), ("BigQuery sink", BigQueryOptions)])
         return 0
     options = PipelineOptions(argv_list)
+    default_runner(options)
     try:
         extra = unknown_flags(options, argv_list)
         if extra:
             raise OptionsError(f"unknown option(s): {', '.join(extra)}")
         bigquery = resolve_bigquery_config(options)
         insert_mode = bigquery_insert_mode(options, bigquery) if bigquery else None
-        config = parse_config(options, to_bigquery=bigquery is not None)
+        config = parse_config(options, to_bigquery=bigquery is not None,
+                              workers=local_workers(options))
     except (OptionsError, BigQueryConfigError) as error:
         print(f"flowbeam: error: {error}", file=sys.stderr)
         return USAGE_ERROR
     for warning in unknown_environment():
         print(f"flowbeam: warning: {warning}", file=sys.stderr)
-    default_runner(options)
     FileSystems.set_options(options)  # s3:// and gs:// credentials, endpoints, regions
     matched: set[str] = set()
     startup_dead_letters = check_inputs(config.inputs, matched)
-    config = dataclasses.replace(config, split_mb=split_mb_of(options, local_workers(options)))
     staging = None
     if bigquery is not None:
         try:
