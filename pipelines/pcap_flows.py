@@ -10,6 +10,7 @@ a summary. Every option can also come from ``FLOWBEAM_<NAME>``.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -21,8 +22,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from flowbeam.env_options import env_default, unknown_environment
+from flowbeam.packets.range_pool import POOL_RANGE_BYTES
 from pipelines.local_cores import exit_after_run, local_workers
 from pipelines.options import (
+    BATCH_RUNNER,
     USAGE_ERROR,
     BigQueryOptions,
     FlowConfig,
@@ -63,7 +66,8 @@ Exit status: 0 when a capture was read, 1 when none could be, 2 for a usage erro
 
 
 class CaptureSplitOptions(PipelineOptions):
-    """How big captures are spread over workers (``transforms.capture_ranges``)."""
+    """How big captures are spread over workers (``transforms.capture_ranges``) or over local
+    processes (``flowbeam.packets.range_pool``)."""
 
     @classmethod
     def _add_argparse_args(cls, parser: Any) -> None:
@@ -74,6 +78,12 @@ class CaptureSplitOptions(PipelineOptions):
                  f"(default: {AUTO_SPLIT_MB:g} on Dataflow or with local worker processes, "
                  "--direct_num_workers=N --direct_running_mode=multi_processing; else 0: "
                  "every file whole).")
+        parser.add_argument(
+            "--decode_processes", type=int, default=env_default("decode_processes"),
+            help="Decode a local, uncompressed capture bigger than "
+                 f"{POOL_RANGE_BYTES >> 20} MB as byte ranges in this many local processes "
+                 "at once; the rows are a whole read's (default: one per core when the "
+                 "pipeline runs in this process without --split_mb; else 1).")
 
 
 # Ranges of this size keep two local workers evenly busy on a capture of a few GB, and give a
@@ -95,6 +105,19 @@ def split_mb_of(options: PipelineOptions, workers: int = 1) -> float:
     return split_mb
 
 
+def decode_processes_of(options: PipelineOptions, workers: int = 1,
+                        split_mb: float = 0.0) -> int:
+    """``--decode_processes``, validated; when not given, one per core when the in-process
+    runner (one local worker) reads files whole, else 1: Beam's own workers use the cores."""
+    processes = options.view_as(CaptureSplitOptions).decode_processes
+    if processes is None:
+        in_process = options.view_as(StandardOptions).runner == BATCH_RUNNER
+        return (os.cpu_count() or 1) if in_process and workers == 1 and not split_mb else 1
+    if processes < 1:
+        raise OptionsError(f"--decode_processes must be 1 or more, got {processes}")
+    return processes
+
+
 @dataclass(frozen=True)
 class PcapFlowsConfig:
     """The validated options the pipeline is built from."""
@@ -102,6 +125,7 @@ class PcapFlowsConfig:
     inputs: tuple[str, ...]
     flows: FlowConfig
     split_mb: float = 0.0  # whole files
+    decode_processes: int = 1
 
 
 def parse_config(options: PipelineOptions, to_bigquery: bool = False,
@@ -109,13 +133,15 @@ def parse_config(options: PipelineOptions, to_bigquery: bool = False,
     """Validate the options; raise ``OptionsError`` with a message a user can act on.
 
     ``to_bigquery``: flows go to BigQuery, so the local sink (``--output``) is optional;
-    ``workers``: the local worker processes (``local_workers``), for the default split size.
+    ``workers``: the local worker processes (``local_workers``), for the default split size
+    and decoding processes.
     """
     inputs = input_patterns(options)
     if not inputs:
         raise OptionsError("--input is required (a capture file, glob, gs:// or s3:// path)")
-    return PcapFlowsConfig(inputs, flow_config(options, to_bigquery),
-                           split_mb_of(options, workers))
+    split_mb = split_mb_of(options, workers)
+    return PcapFlowsConfig(inputs, flow_config(options, to_bigquery), split_mb,
+                           decode_processes_of(options, workers, split_mb))
 
 
 def build(pipeline: beam.Pipeline, config: PcapFlowsConfig,
@@ -137,7 +163,7 @@ def build(pipeline: beam.Pipeline, config: PcapFlowsConfig,
         | "Patterns" >> beam.Create(list(config.inputs))
         | "DecodeCaptures" >> DecodeCaptures(
             settings.idle_timeout_s, settings.active_timeout_s, settings.byte_accounting,
-            settings.sensor, config.split_mb)
+            settings.sensor, config.split_mb, config.decode_processes)
     )
     flows = decoded["fragments"] | "BuildFlows" >> BuildFlows(
         settings.idle_timeout_s, settings.active_timeout_s, source="pcap",
@@ -173,7 +199,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     if "-h" in argv_list or "--help" in argv_list:
         print_help(invoked_as("pipelines.pcap_flows", "pcap"), DESCRIPTION, [
             ("pcap pipeline: capture files", InputOptions),
-            ("split reads", CaptureSplitOptions), ("flows", FlowOptions),
+            ("big captures", CaptureSplitOptions), ("flows", FlowOptions),
             ("local sink", LocalSinkOptions), ("BigQuery sink", BigQueryOptions)])
         return 0
     options = PipelineOptions(argv_list)

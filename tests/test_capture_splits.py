@@ -23,19 +23,15 @@ from flowbeam.capture.splits import (
 from flowbeam.capture.writer import CapturedPacket, write_pcap, write_pcapng
 from flowbeam.flows.engine import advance
 from flowbeam.flows.records import to_flow_record
+from flowbeam.packets.range_decode import CaptureRange, FragmentSettings
 from flowbeam.packets.to_fragments import PacketsToFragments
 from tests.test_pcap_pipeline import read_errors, read_flows, summary_of
 from tests.test_peer_nfstream import DATA
-from transforms.capture_ranges import (
-    FOLDED_TAG,
-    CaptureRange,
-    DecodeRangeFn,
-    KeepSettledFn,
-    SettleRangesFn,
-)
+from transforms.capture_ranges import FOLDED_TAG, DecodeRangeFn, KeepSettledFn, SettleRangesFn
 from transforms.dead_letters import DEAD_LETTER_TAG
 
 IDLE_US, ACTIVE_US = 120_000_000, 1_800_000_000
+SETTINGS = FragmentSettings(IDLE_US, ACTIVE_US)
 CAPTURES = sorted(DATA.glob("*.pcap*")) if DATA.is_dir() else []
 shared = pytest.mark.skipif(not CAPTURES, reason=f"{DATA} is absent")
 
@@ -69,7 +65,7 @@ def split_read(path: Path, split_bytes: int, lookback: int = DEFAULT_LOOKBACK):
     """Rows and counts of a split read through the real DoFns, or None when the file was
     sent to the whole read instead."""
     size = path.stat().st_size
-    decode = DecodeRangeFn(IDLE_US, ACTIVE_US, "ip", "", lookback=lookback, chunk_size=1 << 16)
+    decode = DecodeRangeFn(SETTINGS, lookback=lookback, chunk_size=1 << 16)
     ranges = plan_ranges(size, split_bytes)
     parts, summaries = [], []
     for index, (start, end) in enumerate(ranges):
@@ -79,7 +75,7 @@ def split_read(path: Path, split_bytes: int, lookback: int = DEFAULT_LOOKBACK):
                 summaries.append(out.value[1])
             else:
                 parts.append(out)
-    settled = list(SettleRangesFn(IDLE_US, ACTIVE_US, "").process((str(path), summaries)))
+    settled = list(SettleRangesFn(SETTINGS).process((str(path), summaries)))
     verdict = next(out for out in settled if not isinstance(out, TaggedOutput))[1]
     if verdict.whole:
         return None

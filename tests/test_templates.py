@@ -55,6 +55,8 @@ PIPELINES = [path.parent.name for path in METADATA_FILES]
 IMAGE_PYTHON = "3.11"
 # Options of a pipeline that are deliberately no parameter of its template, and why.
 NOT_PARAMETERS = {
+    "pcap_flows": {"decode_processes": "local runs only: on Dataflow, split_mb spreads a "
+                   "capture's ranges over the workers (whose captures are never local)"},
     "pubsub_flows": {"sensor": "refused by the pipeline: every batch names its sensor"},
     "vpc_flows": {
         "sensor": "refused by the pipeline: a flow is scoped by its network interface",

@@ -3,7 +3,9 @@
 Files are matched and opened with Beam's own ``fileio`` (so every Beam filesystem and
 compression works), then each file is streamed through the capture reader, the packet decoder
 and the fragment aggregator in one DoFn: a file's packets never leave the worker as Python
-objects, only its pre-aggregated fragments do.
+objects, only its pre-aggregated fragments do. A big local capture can instead be decoded as
+byte ranges by a pool of local processes (``decode_processes``, ``flowbeam.packets.range_pool``),
+with the same fragments and counts.
 
 Nothing is lost silently: a file that is not a capture, a damaged one (after its good records
 became fragments), an unreadable one, each become one dead letter naming the file, the byte
@@ -13,6 +15,7 @@ offset and the reason. Malformed packets are counted per reason in Beam metrics.
 from __future__ import annotations
 
 import logging
+import os
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -20,15 +23,20 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import TaggedOutput
 
 from flowbeam.capture.reader import (
     CaptureDamagedError,
     CaptureFormatError,
     CaptureStats,
+    capture_kind,
     read_capture,
 )
+from flowbeam.capture.splits import DEFAULT_LOOKBACK
 from flowbeam.flows.fragment import Fragment
+from flowbeam.packets.range_decode import DEFAULT_CHUNK_SIZE, FragmentSettings
+from flowbeam.packets.range_pool import POOL_RANGE_BYTES, PooledRead, decode_in_processes
 from flowbeam.packets.to_fragments import PacketsToFragments
 from transforms import counters
 from transforms.capture_ranges import (
@@ -41,7 +49,12 @@ from transforms.capture_ranges import (
     PlanRangesFn,
     SettleRangesFn,
 )
-from transforms.capture_reports import damaged_file, report_skipped
+from transforms.capture_reports import (
+    damaged_file,
+    log_read_whole,
+    report_ranges,
+    report_skipped,
+)
 from transforms.dead_letters import DEAD_LETTER_TAG, dead_letter
 from transforms.file_matching import distinct_paths, open_spread
 from transforms.fragment_coder import FragmentBatch
@@ -52,14 +65,20 @@ LOG = logging.getLogger(__name__)
 
 @beam.typehints.with_output_types(FragmentBatch)
 class _DecodeCaptureFileFn(beam.DoFn):
-    """One capture file in, lists of fragments out (dead letters on ``DEAD_LETTER_TAG``)."""
+    """One capture file in, lists of fragments out (dead letters on ``DEAD_LETTER_TAG``).
 
-    def __init__(self, idle_timeout_us: int, active_timeout_us: int, byte_accounting: str,
-                 sensor: str) -> None:
-        self._idle_us = idle_timeout_us
-        self._sensor = sensor
-        self._active_us = active_timeout_us
-        self._byte_accounting = byte_accounting
+    ``processes`` > 1: a local, uncompressed capture bigger than ``range_bytes`` is decoded
+    in ranges by that many local processes (``decode_in_processes``; ``lookback`` and
+    ``chunk_size`` as for a split read).
+    """
+
+    def __init__(self, settings: FragmentSettings, processes: int = 1,
+                 range_bytes: int = POOL_RANGE_BYTES, lookback: int = DEFAULT_LOOKBACK,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        self._settings = settings
+        self._processes = processes
+        self._range_bytes = range_bytes
+        self._range_options = {"lookback": lookback, "chunk_size": chunk_size}
         self._captures = counters.counter(counters.FILES_READ)
         self._damaged = counters.counter(counters.FILES_DAMAGED)
         self._not_captures = counters.counter(counters.FILES_FAILED)
@@ -69,14 +88,42 @@ class _DecodeCaptureFileFn(beam.DoFn):
 
     def process(self, readable: fileio.ReadableFile) -> Iterator[Any]:
         try:
-            yield from self._decode(readable)
+            pooled = self._in_processes(readable.metadata.path)
+            if pooled is None:
+                yield from self._decode(readable)
+            else:
+                yield from report_ranges(readable.metadata.path, pooled.summaries)
+                yield from pooled.fragments
         finally:
             PROGRESS.add(files=1)
 
+    def _in_processes(self, path: str) -> PooledRead | None:
+        """The file decoded in ranges by local processes, or None: one process is asked
+        for, the file is small, not local, compressed or no capture (the whole read says
+        so), or its ranges do not fit together."""
+        if (self._processes < 2 or FileSystems.get_scheme(path) is not None
+                or CompressionTypes.detect_compression_type(path)
+                != CompressionTypes.UNCOMPRESSED):
+            return None
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as stream:
+                if size <= self._range_bytes or capture_kind(stream.read(4)) is None:
+                    return None
+        except OSError:
+            return None
+        pooled = decode_in_processes(
+            path, size, self._settings, self._processes, range_bytes=self._range_bytes,
+            on_range=lambda summary: PROGRESS.add(packets=summary.packets),
+            **self._range_options)
+        if pooled.settlement.whole:
+            log_read_whole(path, pooled.settlement.reason)
+            return None
+        return pooled
+
     def _decode(self, readable: fileio.ReadableFile) -> Iterator[Any]:
         path = readable.metadata.path
-        step = PacketsToFragments(self._idle_us, self._active_us, self._byte_accounting,
-                                  self._sensor)
+        step = PacketsToFragments(*self._settings)
         stats = CaptureStats()
         self._reported_packets = self._reported_bytes = 0
         opened = False
@@ -135,20 +182,23 @@ class DecodeCaptures(beam.PTransform):
 
     A capture bigger than ``split_mb`` MB (uncompressed, seekable) is decoded as byte ranges
     by several workers (``transforms.capture_ranges``) with the same result as one read;
-    ``split_mb <= 0`` (the default) reads every file whole.
+    ``split_mb <= 0`` (the default) reads every file whole, by ``decode_processes`` local
+    processes when it is a big local capture (ranges of ``pool_range_bytes``).
     """
 
     def __init__(self, idle_timeout_s: float, active_timeout_s: float,
                  byte_accounting: str = "ip", sensor: str = "",
-                 split_mb: float = 0.0, **range_options: int) -> None:
+                 split_mb: float = 0.0, decode_processes: int = 1,
+                 pool_range_bytes: int = POOL_RANGE_BYTES, **range_options: int) -> None:
         super().__init__()
-        idle_us, active_us = round(idle_timeout_s * 1_000_000), round(active_timeout_s * 1_000_000)
-        self._decode = _DecodeCaptureFileFn(idle_us, active_us, byte_accounting, sensor)
+        settings = FragmentSettings(round(idle_timeout_s * 1_000_000),
+                                    round(active_timeout_s * 1_000_000), byte_accounting, sensor)
+        # range_options: a range's lookback and chunk_size (tests make them tiny).
+        self._decode = _DecodeCaptureFileFn(settings, decode_processes, pool_range_bytes,
+                                            **range_options)
         self._split_bytes = round(split_mb * (1 << 20))
-        self._settle_ranges = SettleRangesFn(idle_us, active_us, sensor)
-        # range_options: DecodeRangeFn's lookback and chunk_size (tests make them tiny).
-        self._decode_range = DecodeRangeFn(idle_us, active_us, byte_accounting, sensor,
-                                           **range_options)
+        self._settle_ranges = SettleRangesFn(settings)
+        self._decode_range = DecodeRangeFn(settings, **range_options)
 
     def expand(self, patterns: beam.PCollection) -> dict[str, beam.PCollection]:
         planned = distinct_paths(patterns) | "PlanRanges" >> beam.ParDo(

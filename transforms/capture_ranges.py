@@ -23,9 +23,8 @@ twice (ranges, then whole) is counted once, as in a run without splits.
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
@@ -34,20 +33,16 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import TaggedOutput
 
 from flowbeam.capture.reader import capture_kind
-from flowbeam.capture.source import CaptureError
-from flowbeam.capture.splits import (
-    DEFAULT_LOOKBACK,
-    OWNED,
-    PRIMER,
-    RangeOutcome,
-    plan_ranges,
-    read_range,
-    settle_ranges,
+from flowbeam.capture.splits import DEFAULT_LOOKBACK, RangeOutcome, plan_ranges, settle_ranges
+from flowbeam.packets.range_decode import (
+    DEFAULT_CHUNK_SIZE,
+    CaptureRange,
+    FragmentSettings,
+    RangeSummary,
+    decode_range,
 )
-from flowbeam.packets.range_state import RangeState
-from flowbeam.packets.to_fragments import PacketsToFragments, fold_ranges
-from transforms import counters
-from transforms.capture_reports import damaged_file, report_skipped
+from flowbeam.packets.to_fragments import fold_ranges
+from transforms.capture_reports import log_read_whole, report_ranges
 from transforms.fragment_coder import FragmentBatch
 from transforms.progress import PROGRESS
 
@@ -57,31 +52,6 @@ SUMMARIES_TAG = "summaries"
 WHOLE_TAG = "whole"
 FOLDED_TAG = "folded"
 _FOLDED_BATCH = 10_000  # fragments per output element of the fold
-
-
-@dataclass(frozen=True)
-class CaptureRange:
-    """Bytes ``[start, end)`` of a ``size``-byte capture: range ``index`` of ``count``."""
-
-    path: str
-    index: int
-    count: int
-    start: int
-    end: int
-    size: int
-
-
-@dataclass
-class RangeSummary:
-    """What one range read found and counted, for ``SettleRangesFn``."""
-
-    index: int
-    outcome: RangeOutcome
-    packets: int = 0
-    bytes: int = 0
-    malformed: dict[str, int] = field(default_factory=dict)
-    unknown_linktypes: tuple[int, ...] = ()
-    state: RangeState = field(default_factory=RangeState.empty)
 
 
 class PlanRangesFn(beam.DoFn):
@@ -129,41 +99,27 @@ def _open(path: str) -> Any:
 class DecodeRangeFn(beam.DoFn):
     """One ``CaptureRange`` in: ``(path, index, fragments)`` and one ``RangeSummary``."""
 
-    def __init__(self, idle_timeout_us: int, active_timeout_us: int, byte_accounting: str,
-                 sensor: str, lookback: int = DEFAULT_LOOKBACK,
-                 chunk_size: int = 4 << 20) -> None:
-        self._step_args = (idle_timeout_us, active_timeout_us, byte_accounting, sensor)
+    def __init__(self, settings: FragmentSettings, lookback: int = DEFAULT_LOOKBACK,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        self._settings = settings
         self._lookback = lookback
         self._chunk_size = chunk_size
 
     def process(self, part: CaptureRange) -> Iterator[Any]:
-        step = PacketsToFragments(*self._step_args, heads=part.index > 0)
-        outcome = RangeOutcome()
         try:
-            with _open(part.path) as stream:
-                for role, batch in read_range(
-                        stream, part.size, part.start, part.end, outcome,
-                        lookback=self._lookback, lookahead=self._lookback,
-                        chunk_size=self._chunk_size):
-                    if role == PRIMER:
-                        step.prime(batch)
-                        continue
-                    if role == OWNED:
-                        PROGRESS.add(packets=len(batch))
-                        fragments = step.add(batch)
-                    else:
-                        fragments = step.resolve(batch)
-                    if fragments:
-                        yield part.path, part.index, fragments
-        except (CaptureError, OSError, EOFError, zlib.error) as error:
-            outcome.problem = f"cannot be read as a range: {error}"
-        fragments, state = step.finish_range()
-        if fragments:
-            yield part.path, part.index, fragments
-        yield TaggedOutput(SUMMARIES_TAG, (part.path, RangeSummary(
-            part.index, outcome, step.packets, step.bytes,
-            {reason: count for reason, count in step.malformed.items() if count},
-            tuple(sorted(step.unknown_linktypes)), state)))
+            stream = _open(part.path)
+        except OSError as error:  # BeamIOError included
+            yield TaggedOutput(SUMMARIES_TAG, (part.path, RangeSummary(
+                part.index, RangeOutcome(problem=f"cannot be read as a range: {error}"))))
+            return
+        with stream:
+            for item in decode_range(stream, part, self._settings, lookback=self._lookback,
+                                     chunk_size=self._chunk_size):
+                if isinstance(item, RangeSummary):
+                    PROGRESS.add(packets=item.packets)
+                    yield TaggedOutput(SUMMARIES_TAG, (part.path, item))
+                else:
+                    yield part.path, part.index, item
 
 
 @dataclass(frozen=True)
@@ -179,37 +135,22 @@ class SettleRangesFn(beam.DoFn):
     fragments of the fold of its ranges' states on ``FOLDED_TAG``, and the path on
     ``WHOLE_TAG`` when its ranges do not fit together."""
 
-    def __init__(self, idle_timeout_us: int, active_timeout_us: int, sensor: str) -> None:
-        self._fold_args = (idle_timeout_us, active_timeout_us, sensor)
-        self._captures = counters.counter(counters.FILES_READ)
-        self._damaged = counters.counter(counters.FILES_DAMAGED)
-        self._packets = counters.counter(counters.PACKETS)
-        self._bytes = counters.counter(counters.BYTES)
+    def __init__(self, settings: FragmentSettings) -> None:
+        self._fold_args = (settings.idle_timeout_us, settings.active_timeout_us,
+                           settings.sensor)
 
     def process(self, element: tuple[str, Iterable[RangeSummary]]) -> Iterator[Any]:
         path, summaries = element
         ordered = sorted(summaries, key=lambda summary: summary.index)
         settlement = settle_ranges([summary.outcome for summary in ordered])
         if settlement.whole:
-            LOG.warning("flowbeam: %s: read whole instead of in ranges: %s", path,
-                        settlement.reason)
+            log_read_whole(path, settlement.reason)
             yield path, Verdict(0, True)
             yield TaggedOutput(WHOLE_TAG, path)
             return
         counted = ordered[:settlement.valid]
         PROGRESS.add(files=1)
-        self._captures.inc()
-        self._packets.inc(sum(summary.packets for summary in counted))
-        self._bytes.inc(sum(summary.bytes for summary in counted))
-        malformed: dict[str, int] = {}
-        for summary in counted:
-            for reason, count in summary.malformed.items():
-                malformed[reason] = malformed.get(reason, 0) + count
-        report_skipped(path, malformed,
-                       {lt for summary in counted for lt in summary.unknown_linktypes})
-        damage = counted[-1].outcome.damage
-        if damage is not None:
-            yield damaged_file(self._damaged, path, damage.reason, damage.offset)
+        yield from report_ranges(path, counted)
         yield path, Verdict(settlement.valid, False)
         folded = fold_ranges((summary.state for summary in counted), *self._fold_args)
         for start in range(0, len(folded), _FOLDED_BATCH):

@@ -1,17 +1,18 @@
 """What a capture file's read reports, once per file, whether it was read whole
-(``transforms.capture_files``) or in ranges (``transforms.capture_ranges``): its skipped
-packets per reason (Beam counters, and log lines in words), the link types it could not
-decode, and its damage (a counter, a log line, one dead letter).
+(``transforms.capture_files``) or in ranges (``transforms.capture_ranges``, or a local
+process pool): its skipped packets per reason (Beam counters, and log lines in words), the
+link types it could not decode, and its damage (a counter, a log line, one dead letter).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from apache_beam.pvalue import TaggedOutput
 
+from flowbeam.packets.range_decode import RangeSummary
 from transforms import counters
 from transforms.dead_letters import DEAD_LETTER_TAG, dead_letter
 
@@ -72,3 +73,27 @@ def damaged_file(damaged: Any, path: str, reason: str, offset: int | None = None
     else:
         LOG.error("flowbeam: %s: damaged at byte %d: %s", path, offset, reason)
     return TaggedOutput(DEAD_LETTER_TAG, dead_letter("read_capture", reason, path, offset))
+
+
+def report_ranges(path: str, counted: Sequence[RangeSummary]) -> Iterator[TaggedOutput]:
+    """Count a file read in ranges once, from its counted ranges' summaries (in order): a
+    capture read, its packets, bytes and skipped packets, and its damage (the last counted
+    range's, if any: one dead letter)."""
+    counters.counter(counters.FILES_READ).inc()
+    counters.counter(counters.PACKETS).inc(sum(summary.packets for summary in counted))
+    counters.counter(counters.BYTES).inc(sum(summary.bytes for summary in counted))
+    malformed: dict[str, int] = {}
+    for summary in counted:
+        for reason, count in summary.malformed.items():
+            malformed[reason] = malformed.get(reason, 0) + count
+    report_skipped(path, malformed,
+                   {linktype for summary in counted for linktype in summary.unknown_linktypes})
+    damage = counted[-1].outcome.damage
+    if damage is not None:
+        yield damaged_file(counters.counter(counters.FILES_DAMAGED), path, damage.reason,
+                           damage.offset)
+
+
+def log_read_whole(path: str, reason: str) -> None:
+    """A file read in ranges whose ranges do not fit together is read again, whole."""
+    LOG.warning("flowbeam: %s: read whole instead of in ranges: %s", path, reason)

@@ -87,7 +87,11 @@ def plan_ranges(size: int, split_bytes: int) -> list[tuple[int, int]]:
     """
     if split_bytes <= 0 or size <= split_bytes:
         return [(0, size)]
-    count = -(-size // split_bytes)
+    return equal_ranges(size, -(-size // split_bytes))
+
+
+def equal_ranges(size: int, count: int) -> list[tuple[int, int]]:
+    """``count`` ``[start, end)`` byte ranges of (nearly) equal size covering ``size`` bytes."""
     bounds = [size * index // count for index in range(count + 1)]
     return list(itertools.pairwise(bounds))
 
