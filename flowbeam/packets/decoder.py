@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -50,6 +51,7 @@ from flowbeam.packets.error_reasons import (
 from flowbeam.packets.fragment_rows import Columns, complete_fragments, rows_to_columns
 from flowbeam.packets.ip_fragments import FRAGMENT_KEY_BYTES, FragmentPackets, FragmentTracker
 from flowbeam.packets.slow_path import Malformed, slow_ip, slow_link, slow_ports
+from flowbeam.packets.vector_gather import take_rows
 from flowbeam.packets.vector_path import VECTOR_LINKS, LinkFunction, vector_decode
 
 # 9999-12-31T23:59:59.999999Z: the last instant a flow row (and a BigQuery TIMESTAMP) can hold.
@@ -109,8 +111,10 @@ class PacketDecoder:
         self._slow_decode(batch, data, _sorted_union(slow_idx), parts)
         positions, cols = parts.merged()
         if parts.fragments:
-            fragments = FragmentPackets(*(np.concatenate(field)
-                                          for field in zip(*parts.fragments, strict=True)))
+            fragments = parts.fragments[0]
+            if len(parts.fragments) > 1:
+                fragments = FragmentPackets(*(np.concatenate(field)
+                                              for field in zip(*parts.fragments, strict=True)))
             cols = complete_fragments(cols, positions, fragments, self._fragments)
         return build_columns(**cols)
 
@@ -120,7 +124,7 @@ class PacketDecoder:
     ) -> None:
         """Vectorised decode of one link type's packets into ``parts``; the rest is added to
         ``slow_idx``."""
-        found = link(data, batch.offsets[idx], batch.caplen[idx])
+        found = link(data, take_rows(batch.offsets, idx), take_rows(batch.caplen, idx))
         ok = found.ok
         ip_offset, version, vlan = found.ip_offset, found.version, found.vlan
         if not ok.all():
@@ -131,7 +135,7 @@ class PacketDecoder:
             keep = np.flatnonzero(ok)
             idx, ip_offset, version, vlan = idx[keep], ip_offset[keep], version[keep], vlan[keep]
         pos, cols, others = vector_decode(batch, data, idx, ip_offset, version, vlan)
-        parts.add(pos, cols, None if others is None else others.fragments)
+        parts.add(pos, cols, () if others is None else others.fragments)
         if others is not None:
             if others.truncated:
                 self.errors[TRUNCATED_TRANSPORT] += others.truncated
@@ -173,9 +177,9 @@ class PacketDecoder:
                 firsts.append(first)
                 keys.append(key)
         parts.add(np.asarray(positions, dtype=np.int64), rows_to_columns(rows),
-                  FragmentPackets(np.asarray(fragment_positions, dtype=np.int64),
-                                  np.asarray(firsts, dtype=bool),
-                                  np.frombuffer(b"".join(keys), dtype=FRAGMENT_KEY_BYTES)))
+                  [FragmentPackets(np.asarray(fragment_positions, dtype=np.int64),
+                                   np.asarray(firsts, dtype=bool),
+                                   np.frombuffer(b"".join(keys), dtype=FRAGMENT_KEY_BYTES))])
 
     def _slow_packet(
         self, pkt: memoryview, linktype: int, ts_us: int, wirelen: int
@@ -208,11 +212,11 @@ class _Parts:
         self.parts: list[tuple[np.ndarray, Columns]] = []
         self.fragments: list[FragmentPackets] = []
 
-    def add(self, pos: np.ndarray, cols: Columns, fragments: FragmentPackets | None = None) -> None:
+    def add(self, pos: np.ndarray, cols: Columns, fragments: Sequence[FragmentPackets] = ()
+            ) -> None:
         if len(pos):
             self.parts.append((pos, cols))
-        if fragments is not None and len(fragments.pos):
-            self.fragments.append(fragments)
+        self.fragments.extend(part for part in fragments if len(part.pos))
 
     def merged(self) -> tuple[np.ndarray, Columns]:
         """All rows in capture order (one row per packet): (packet positions, columns)."""

@@ -53,6 +53,18 @@ def take_records(records: np.ndarray, which: np.ndarray) -> np.ndarray:
     return records.view(as_void(records.dtype))[which].view(records.dtype)
 
 
+def take_rows(values: np.ndarray, rows: np.ndarray, copy: bool = False) -> np.ndarray:
+    """``values[rows]`` for sorted distinct ``rows``: ``values`` itself (a plain copy if
+    ``copy``) when that is all of it.
+
+    Most batches are all IP of one link type: their per-packet arrays are then used as they
+    are, not copied by a fancy index (without ``copy``, callers must not write to the result).
+    """
+    if len(rows) != len(values):
+        return values[rows]
+    return values.copy() if copy else values
+
+
 def _record_view(data: np.ndarray, width: int, count: int) -> np.ndarray:
     """``count`` overlapping ``width``-byte items, one starting at each byte of ``data``."""
     return np.ndarray(shape=(count,), dtype=np.dtype((np.void, width)), buffer=data, strides=(1,))

@@ -51,6 +51,12 @@ def _extension_size_table() -> np.ndarray:
 
 
 _EXTENSION_SIZE = read_only(_extension_size_table())
+# [header type << 8 | length byte] -> an 8-byte extension header that the walk steps over
+# (fragment headers excepted: they may end the walk), with nothing to check but its size.
+EIGHT_BYTE_EXTENSION = read_only(
+    np.repeat(IS_IPV6_EXTENSION, 256) & (_EXTENSION_SIZE == 8)
+    & (np.arange(1 << 16) >> 8 != IPV6_FRAGMENT)
+)
 
 # An extension header's first 8 bytes: next header and length; for the fragment header, the
 # offset and flags and the identification.
@@ -62,7 +68,7 @@ _TRANSPORT_RECORD = np.dtype(
     {"names": ["sport", "dport", "flags"], "formats": [">u2", ">u2", "u1"],
      "offsets": [0, 2, 13], "itemsize": 14}
 )
-_TCP_HEADER_READ = 14  # bytes of TCP header up to and including the flags byte
+TCP_HEADER_READ = 14  # bytes of TCP header up to and including the flags byte
 
 
 class HeaderRows(NamedTuple):
@@ -120,7 +126,7 @@ def decode_headers(
     return HeaderRows(
         ok=ok, proto=proto, readable=readable, readable_rows=rows,
         sport=transport["sport"], dport=transport["dport"],
-        tcp_byte=np.where(available[rows] >= _TCP_HEADER_READ, transport["flags"], 0),
+        tcp_byte=np.where(available[rows] >= TCP_HEADER_READ, transport["flags"], 0),
         truncated=int(np.count_nonzero(missing & ok)),
         fragment=state.fragment, later=later, ident=state.ident,
     )

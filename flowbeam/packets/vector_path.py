@@ -4,7 +4,8 @@ It covers Ethernet (untagged, one VLAN tag or two), Linux SLL/SLL2, NULL/LOOP an
 layers. Plain IP headers (IPv4 without options or fragmentation, IPv6 without extension
 headers, transport captured up to what we read) are decoded here in one gather; the other IP
 shapes (IPv4 options and fragments, IPv6 extension chains and fragments, cut transports) go to
-its second stage, ``vector_headers``. Fixed-layout headers are read by gathering one
+its second stage: ``vector_short_chains`` for IPv6 behind one or two 8-byte headers,
+``vector_headers`` for the others. Fixed-layout headers are read by gathering one
 fixed-size structured record per packet from a strided view of the batch buffer
 (``vector_gather``), so the cost per packet is a few memory copies, not Python bytecode. Frames
 whose whole link header names a non-IP payload, e.g. ARP, are recognised here as ``not_ip``
@@ -42,9 +43,10 @@ from flowbeam.packets.ip_fragments import (
     FRAGMENT_KEY_DTYPE,
     FragmentPackets,
 )
-from flowbeam.packets.vector_gather import gather_records, read_only, take_records
-from flowbeam.packets.vector_headers import IS_IPV6_EXTENSION, decode_headers
-from flowbeam.packets.vector_transport import TRANSPORT_BYTES, transport_columns
+from flowbeam.packets.vector_gather import gather_records, read_only, take_records, take_rows
+from flowbeam.packets.vector_headers import HeaderRows, decode_headers
+from flowbeam.packets.vector_short_chains import decode_short_chains
+from flowbeam.packets.vector_transport import PLAIN_TRANSPORT_END, transport_columns
 
 # --- Lookup tables for the vectorised path -------------------------------------------------------
 
@@ -81,17 +83,18 @@ _NULL_RECORD = np.dtype(
     {"names": ["le", "be"], "formats": ["<u4", ">u4"], "offsets": [0, 0], "itemsize": 4}
 )
 # IPv4 (20-byte header, transport at 20) and IPv6 (40-byte header, transport at 40) overlaid.
+# Both ports are read as one word: every field read is a pass over all the records.
 _IP_RECORD = np.dtype(
     {
-        "names": ["vihl", "len4", "ident4", "frag4", "proto4", "src4", "dst4", "sport4", "dport4",
-                  "flags4", "plen6", "next6", "src6hi", "src6lo", "dst6hi", "dst6lo", "sport6",
-                  "dport6", "flags6"],
-        "formats": ["u1", ">u2", ">u2", ">u2", "u1", ">u4", ">u4", ">u2", ">u2",
-                    "u1", ">u2", "u1", ">u8", ">u8", ">u8", ">u8", ">u2",
-                    ">u2", "u1"],
-        "offsets": [0, 2, 4, 6, 9, 12, 16, 20, 22,
+        "names": ["vihl", "len4", "ident4", "frag4", "proto4", "src4", "dst4", "ports4",
+                  "flags4", "plen6", "next6", "src6hi", "src6lo", "dst6hi", "dst6lo", "ports6",
+                  "length6", "flags6"],
+        "formats": ["u1", ">u2", ">u2", ">u2", "u1", ">u4", ">u4", ">u4",
+                    "u1", ">u2", "u1", ">u8", ">u8", ">u8", ">u8", ">u4",
+                    "u1", "u1"],
+        "offsets": [0, 2, 4, 6, 9, 12, 16, 20,
                     33, 4, 6, 8, 16, 24, 32, 40,
-                    42, 53],
+                    41, 53],
         "itemsize": 54,
     }
 )
@@ -242,7 +245,7 @@ class HeaderResult(NamedTuple):
     """What ``vector_decode`` hands the decoder besides its rows (the second stage's rows are
     among them, in capture order): fragments, errors, the rest."""
 
-    fragments: FragmentPackets  # the rows that are fragments
+    fragments: list[FragmentPackets]  # the rows that are fragments, one part per second stage
     rest: np.ndarray  # int64: packet positions left to the per-packet path
     truncated: int  # rows whose transport was cut before its ports (truncated_transport)
 
@@ -256,37 +259,50 @@ def vector_decode(
     packet was plain).
 
     Every column is computed once for the whole batch: the plain packets' transport fields come
-    from the IP record, and the second stage (``vector_headers``) writes its packets' over them.
+    from the IP record, and the second stage writes its packets' over them: short IPv6 chains
+    from one more gather (``vector_short_chains``), the others from the chain walk
+    (``vector_headers``).
     """
-    start = batch.offsets[idx] + ip_offset
-    captured = batch.caplen[idx] - ip_offset
+    start = take_rows(batch.offsets, idx) + ip_offset
+    captured = take_rows(batch.caplen, idx) - ip_offset
     rec = gather_records(data, start, _IP_RECORD)
-    is4, proto, ip_bytes, plain = _classify_ip(rec, captured, version)
-    sport = np.where(is4, rec["sport4"], rec["sport6"])
-    dport = np.where(is4, rec["dport4"], rec["dport6"])
-    tcp_byte = np.where(is4, rec["flags4"], rec["flags6"])
+    ip, is6, proto, ip_bytes, plain = _classify_ip(rec, captured, version)
+    ports = ip.pick(rec["ports4"], rec["ports6"], np.uint32)
+    sport, dport = (ports >> 16).view(np.int32), (ports & 0xFFFF).view(np.int32)  # < 2**16
+    tcp_byte = ip.pick(rec["flags4"], rec["flags6"], np.uint8)
     rest = np.flatnonzero(~plain)
     if not len(rest):
-        cols = _ip_columns(batch, idx, rec, is4, proto, vlan, ip_bytes)
+        cols = _ip_columns(batch, idx, rec, ip, proto, vlan, ip_bytes)
         cols.update(transport_columns(sport, dport, tcp_byte, proto))
         return idx, cols, None
-    found = decode_headers(data, start[rest], take_records(rec, rest), captured[rest],
-                           version[rest], is4[rest], ip_bytes[rest])
-    proto[rest] = found.proto
-    readable = rest[found.readable_rows]
-    sport[readable], dport[readable], tcp_byte[readable] = found.sport, found.dport, found.tcp_byte
-    cols = _ip_columns(batch, idx, rec, is4, proto, vlan, ip_bytes)
+    stages: list[tuple[np.ndarray, HeaderRows]] = []  # (rows, what the stage found for them)
+    six = is6[rest]
+    if six.any():
+        end = np.minimum(captured[rest], ip_bytes[rest])
+        short, found = decode_short_chains(data, start, rest, rec["next6"][rest],
+                                           rec["length6"][rest], six, end)
+        if len(found.ok):
+            stages.append((rest[short], found))
+            rest = rest[~short]
+    if len(rest):
+        stages.append((rest, decode_headers(data, start[rest], take_records(rec, rest),
+                                            captured[rest], version[rest], ip.is4[rest],
+                                            ip_bytes[rest])))
+    for rows, found in stages:
+        proto[rows] = found.proto
+        readable = rows[found.readable_rows]
+        sport[readable], dport[readable] = found.sport, found.dport
+        tcp_byte[readable] = found.tcp_byte
+    cols = _ip_columns(batch, idx, rec, ip, proto, vlan, ip_bytes)
     ports = transport_columns(sport, dport, tcp_byte, proto)
-    portless = rest[found.ok & ~found.readable]  # non-first fragments, cut or portless transports
+    # Non-first fragments, cut or portless transports.
+    portless = np.concatenate([rows[found.ok & ~found.readable] for rows, found in stages])
     for column in ports.values():
         column[portless] = 0
     cols.update(ports)
-    fragment = found.ok & found.fragment
-    rows = rest[fragment]
-    fragments = FragmentPackets(pos=idx[rows], first=~found.later[fragment],
-                                key=_fragment_keys(cols, rows, found.ident[fragment]))
-    slow = rest[~found.ok]
-    others = HeaderResult(fragments, idx[slow], found.truncated)
+    fragments = [_fragments(cols, idx, rows, found) for rows, found in stages]
+    slow = np.concatenate([rows[~found.ok] for rows, found in stages])
+    others = HeaderResult(fragments, idx[slow], sum(found.truncated for _, found in stages))
     if len(slow):
         keep = np.ones(len(idx), dtype=bool)
         keep[slow] = False
@@ -296,49 +312,86 @@ def vector_decode(
     return idx, cols, others
 
 
+class _ByVersion:
+    """Each packet's IPv4 or IPv6 reading of a field: ``np.where(is4, four, six)``.
+
+    Batches often hold one IP version only (captures come in runs of one kind of traffic):
+    then only that version's field is read, one pass over the records instead of two and a
+    select.
+    """
+
+    def __init__(self, is4: np.ndarray) -> None:
+        self.is4 = is4
+        self.only = 4 if is4.all() else 6 if not is4.any() else 0
+
+    def pick(self, four: np.ndarray | int, six: np.ndarray | int, dtype: type) -> np.ndarray:
+        """A new array of ``dtype``, one element per packet."""
+        if not self.only:
+            return np.where(self.is4, four, six).astype(dtype, copy=False)
+        value = four if self.only == 4 else six
+        if isinstance(value, np.ndarray):
+            return value.astype(dtype)
+        return np.full(len(self.is4), value, dtype=dtype)
+
+
 def _classify_ip(
     rec: np.ndarray, captured: np.ndarray, version: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(is IPv4, protocol, ip_bytes, plain) from IP records and bytes captured from them.
+) -> tuple[_ByVersion, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(which packets are IPv4, is IPv6, protocol, ip_bytes, plain) from IP records and bytes
+    captured from them.
 
     IPv4 is version nibble 4 where the link layer does not say 6, for plain and second-stage
-    packets alike; the protocol is the IP header's (the second stage replaces it with the one
-    after the extension headers). A packet is plain, decodable from its IP record alone, when
-    its IP header is (IPv4 IHL 5, not a fragment, total length at least 20; IPv6 with a
-    transport right after the fixed header) and the transport bytes we read lie within both
-    the captured bytes and the IP payload. Everything else goes to the second stage
-    (``vector_headers``), then the slow path, which apply the same rules.
+    packets alike (IPv6 likewise); the protocol is the IP header's (the second stage replaces it
+    with the one after the extension headers). A packet is plain, decodable from its IP record
+    alone, when its IP header is (IPv4 IHL 5, not a fragment, total length at least 20; IPv6
+    with a transport right after the fixed header) and the transport bytes we read lie within
+    both the captured bytes and the IP payload. Everything else goes to the second stage
+    (``vector_short_chains``, then ``vector_headers``), then the slow path, which apply the
+    same rules.
+
+    Each read of a record field is a pass over all the records, so a field used twice is read
+    once, and one lookup by IP version and protocol says where the transport we read ends.
     """
-    vihl = rec["vihl"]
+    vihl = rec["vihl"].copy()  # read once: each read of a field is a pass over the records
     nibble = vihl >> 4
     is4 = (nibble == 4) & (version != 6)
     is6 = (nibble == 6) & (version != 4)
-    proto = np.where(is4, rec["proto4"], rec["next6"])
-    ip_bytes = np.where(is4, rec["len4"], rec["plen6"].astype(np.int64) + 40)
-    available = np.minimum(captured, ip_bytes) - np.where(is4, 20, 40)
-    plain = (is4 & (vihl == 0x45) & ((rec["frag4"] & 0x3FFF) == 0) & (rec["len4"] >= 20)) | (
-        is6 & ~IS_IPV6_EXTENSION[rec["next6"]]
-    )
-    return is4, proto, ip_bytes, plain & (available >= TRANSPORT_BYTES[proto])
+    ip = _ByVersion(is4)
+    proto = ip.pick(rec["proto4"], rec["next6"], np.uint8)
+    len4 = rec["len4"].astype(np.int64)
+    ip_bytes = len4 if ip.only == 4 else ip.pick(len4, rec["plen6"].astype(np.int64) + 40, np.int64)
+    header = (is4 & (vihl == 0x45) & ((rec["frag4"] & 0x3FFF) == 0) & (len4 >= 20)) | is6
+    transport_end = PLAIN_TRANSPORT_END[(is6.astype(np.uint16) << 8) | proto]
+    return ip, is6, proto, ip_bytes, header & (np.minimum(captured, ip_bytes) >= transport_end)
 
 
-def _ip_columns(batch: RecordBatch, pos: np.ndarray, rec: np.ndarray, is4: np.ndarray,
+def _ip_columns(batch: RecordBatch, pos: np.ndarray, rec: np.ndarray, ip: _ByVersion,
                 proto: np.ndarray, vlan: np.ndarray, ip_bytes: np.ndarray
                 ) -> dict[str, np.ndarray]:
     """The IP-level columns of the packets at ``pos`` from their gathered IP headers ``rec``
-    (IPv4 and IPv6 fields side by side, ``is4`` choosing), already in their final dtypes."""
+    (IPv4 and IPv6 fields side by side, ``ip`` choosing), already in their final dtypes."""
     return {
-        "ts_us": batch.ts_us[pos],
-        "ip_version": np.where(is4, np.uint8(4), np.uint8(6)),
+        "ts_us": take_rows(batch.ts_us, pos, copy=True),
+        "ip_version": ip.pick(4, 6, np.uint8),
         "protocol": proto.astype(np.uint8, copy=False),
-        "src_hi": np.where(is4, 0, rec["src6hi"]),
-        "src_lo": np.where(is4, rec["src4"], rec["src6lo"]),
-        "dst_hi": np.where(is4, 0, rec["dst6hi"]),
-        "dst_lo": np.where(is4, rec["dst4"], rec["dst6lo"]),
+        "src_hi": ip.pick(0, rec["src6hi"], np.uint64),
+        "src_lo": ip.pick(rec["src4"], rec["src6lo"], np.uint64),
+        "dst_hi": ip.pick(0, rec["dst6hi"], np.uint64),
+        "dst_lo": ip.pick(rec["dst4"], rec["dst6lo"], np.uint64),
         "vlan_id": vlan,
         "ip_bytes": ip_bytes,
-        "frame_bytes": batch.wirelen[pos],
+        "frame_bytes": take_rows(batch.wirelen, pos, copy=True),
     }
+
+
+def _fragments(
+    cols: dict[str, np.ndarray], idx: np.ndarray, rows: np.ndarray, found: HeaderRows
+) -> FragmentPackets:
+    """The fragments among the second-stage packets at ``rows`` (rows of ``cols``)."""
+    fragment = found.ok & found.fragment
+    rows = rows[fragment]
+    return FragmentPackets(pos=idx[rows], first=~found.later[fragment],
+                           key=_fragment_keys(cols, rows, found.ident[fragment]))
 
 
 def _fragment_keys(

@@ -16,7 +16,7 @@ from flowbeam.flows.protocols import (
     PROTO_ICMPV6,
     PROTO_TCP,
 )
-from flowbeam.packets.header_constants import transport_bytes_needed
+from flowbeam.packets.header_constants import IPV6_EXTENSION_HEADERS, transport_bytes_needed
 from flowbeam.packets.vector_gather import read_only
 
 
@@ -36,6 +36,18 @@ _HAS_PORTS = read_only(np.isin(np.arange(256), list(PORT_PROTOCOLS)))
 _ICMP_PAIR = read_only(_icmp_pair_table())
 
 
+def _plain_transport_end_table() -> np.ndarray:
+    """[is IPv6 << 8 | protocol] -> where the transport bytes we read end, from the IP header,
+    for IPv4 without options and IPv6 without extension headers (``vector_path``'s plain
+    packets); past any packet after an IPv6 extension header, which is never plain."""
+    table = np.concatenate([TRANSPORT_BYTES + 20, TRANSPORT_BYTES + 40])
+    table[256 + np.array(sorted(IPV6_EXTENSION_HEADERS))] = np.iinfo(np.int64).max
+    return table
+
+
+PLAIN_TRANSPORT_END = read_only(_plain_transport_end_table())
+
+
 def transport_columns(
     raw_src: np.ndarray, raw_dst: np.ndarray, tcp_byte: np.ndarray, proto: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -44,7 +56,7 @@ def transport_columns(
     Ports only for protocols that have them; ICMP/ICMPv6 type and code mapped as Community ID
     does (by protocol number, whatever the IP version); flags only for TCP.
     """
-    raw_src = raw_src.astype(np.int32)
+    raw_src = raw_src.astype(np.int32, copy=False)
     has_ports = _HAS_PORTS[proto]
     # The zeros' dtypes give each result its column's dtype without a further copy.
     src_port = np.where(has_ports, raw_src, np.int32(0))
