@@ -211,7 +211,7 @@ class FragmentAggregator:
         the cut never moves back."""
         assert self._max_ts is not None
         cut = self._max_ts - self._max_disorder
-        held = sum(int(np.count_nonzero((part.t2 >> 1) >= cut)) for part in parts)
+        held = sum(int(np.count_nonzero(part.t2 >= 2 * cut)) for part in parts)
         if held > self._hold_cap:
             ts = np.concatenate([part.t2 >> 1 for part in parts])
             kth = len(ts) - self._hold_cap
@@ -224,7 +224,7 @@ def _split_at(parts: list[Staged], cut: int) -> tuple[list[Staged], list[Staged]
     usually only the last batches are split."""
     before, after = [], []
     for part in parts:
-        hold = (part.t2 >> 1) >= cut
+        hold = part.t2 >= 2 * cut  # t2 >> 1 >= cut, without the shifted copy
         if not hold.any():
             before.append(part)
         elif hold.all():

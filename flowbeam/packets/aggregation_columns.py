@@ -14,18 +14,17 @@ the result does not depend on how packets were split into fragments.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import cached_property
 
 import numpy as np
 
 from flowbeam.flows.fragment import NO_TIME, SIDE_A
 from flowbeam.flows.protocols import TCP_ACK, TCP_SYN
+from flowbeam.packets.aggregation_sort import KEY_FIELDS, KeySources, sort_by_key_and_time
 from flowbeam.packets.columns import PacketColumns
 
 INT64_MAX = np.iinfo(np.int64).max
-_MAX_PORT = 0xFFFF
-_MAX_VLAN = 0xFFFE  # stored as vlan + 1 in 16 bits
-
-_KEY_FIELDS = ("misc", "a_hi", "a_lo", "b_hi", "b_lo", "hash")
+_MAX_16 = 0xFFFF  # ports and vlan_id + 1 are packed in 16 bits each
 
 
 class Columns:
@@ -105,60 +104,15 @@ class Rows(Columns):
         return cls.join(parts) if parts else cls.empty()
 
 
-class KeySources:
-    """The key columns of a window's elements, left in their parts (open rows, then each
-    staged batch): concatenating five uint64 columns per packet only to read them at row
-    starts cost more than the whole reduction."""
-
-    def __init__(self, parts: list[Rows | Staged]) -> None:
-        self._parts = parts
-        self._offsets = np.cumsum([0] + [len(p) for p in parts])
-
-    def at(self, index: np.ndarray) -> dict[str, np.ndarray]:
-        """The key columns at unsorted element indexes."""
-        order = np.argsort(index, kind="stable")
-        bounds = np.searchsorted(index[order], self._offsets).tolist()
-        out = {name: np.empty(len(index), np.uint64) for name in _KEY_FIELDS}
-        for part, offset, lo, hi in zip(self._parts, self._offsets.tolist(), bounds[:-1],
-                                        bounds[1:], strict=False):
-            if lo == hi:
-                continue
-            where, local = order[lo:hi], index[order[lo:hi]] - offset
-            for name in _KEY_FIELDS:
-                out[name][where] = getattr(part, name)[local]
-        return out
-
-    def runs_agree(self, perm: np.ndarray, run_starts: np.ndarray) -> bool:
-        """Whether every element has the key of its run's first element (runs are cut where
-        the hash bits change, in ``perm`` order): one pass over each part, reading the
-        few run keys from a table that stays in cache."""
-        run_of = np.empty(len(perm), np.int32)
-        run_id = np.zeros(len(perm), np.int32)
-        run_id[run_starts[1:]] = 1
-        run_of[perm] = np.cumsum(run_id, dtype=np.int32)
-        first = self.at(perm[run_starts])
-        wide = bool(first["a_hi"].any() or first["b_hi"].any())
-        for part, offset in zip(self._parts, self._offsets.tolist(), strict=False):
-            run = run_of[offset:offset + len(part)]
-            names = ["misc", "a_lo", "b_lo"]
-            if wide or part.a_hi.any() or part.b_hi.any():
-                names += ["a_hi", "b_hi"]
-            for name in names:
-                if (getattr(part, name) != first[name][run]).any():
-                    return False
-        return True
-
-    def concat(self) -> dict[str, np.ndarray]:
-        return {name: np.concatenate([getattr(p, name) for p in self._parts])
-                for name in _KEY_FIELDS}
-
-
 @dataclass
 class Elements:
     """A window's open rows and packets in (key, time) order, as the reduction needs them.
 
-    Only time, bytes and flags go through the sort permutation (random access is what costs);
-    per-side counts are derived from them in order and the few open rows patched in. Key
+    Every array of the window's size costs twice: computing it, and the page faults of fresh
+    memory. So only the packets' time, bytes and TCP flags go through the sort permutation;
+    per-side counts and flags are reduced per row straight from them (``rows``), and the few
+    open rows are patched into their rows. Per-element values (``values``) are
+    derived only where they are read: the slow path's keys, a split read's head packets. Key
     columns stay unsorted in their parts and are read at row starts through ``perm``.
     """
 
@@ -167,32 +121,172 @@ class Elements:
     key_change: np.ndarray  # between sorted positions i and i + 1
     is_open: np.ndarray
     t2: np.ndarray
-    last: np.ndarray
-    a_pk: np.ndarray
-    a_by: np.ndarray
-    b_pk: np.ndarray
-    b_by: np.ndarray
-    flags: np.ndarray  # uint16
-    syn2: np.ndarray
-    prev_flags: np.ndarray  # uint16, meaningful for open rows only
-    prev_last: np.ndarray
+    first: np.ndarray  # t2 >> 1
+    nbytes: np.ndarray  # int64, 0 for open rows
+    tcp_flags: np.ndarray  # uint8, 0 for open rows
+    open_at: np.ndarray  # the open rows' sorted positions, ascending
+    opened: Rows  # the open rows, in that order
 
     def __len__(self) -> int:
         return len(self.t2)
+
+    @cached_property
+    def side(self) -> np.ndarray:
+        """uint8: 1 where the element's first packet is side B."""
+        return np.bitwise_and(self.t2, 1, dtype=np.uint8, casting="unsafe")
 
     def rows(self, starts: np.ndarray) -> Rows:
         """One row per run of elements. A run is in (time, side) order and (outside slow
         keys) its elements do not overlap: the first has the smallest (time, side), the
         last the latest ``last_us``."""
+        n = len(self)
+        ends = np.append(starts[1:], n)
         keys = self.keys.at(self.perm[starts])
-        return Rows(
-            *(keys[name] for name in _KEY_FIELDS),
-            self.t2[starts], self.last[np.append(starts[1:], len(self)) - 1],
-            np.add.reduceat(self.a_pk, starts), np.add.reduceat(self.a_by, starts),
-            np.add.reduceat(self.b_pk, starts), np.add.reduceat(self.b_by, starts),
-            np.bitwise_or.reduceat(self.flags, starts), np.minimum.reduceat(self.syn2, starts),
-            np.zeros(len(starts), np.uint16), np.full(len(starts), NO_TIME, np.int64),
-            np.zeros(len(starts), bool))
+        side = self.side
+        b_pk = np.add.reduceat(side, starts, dtype=np.int64)
+        b_by = np.add.reduceat(self.nbytes * side, starts)
+        rows = Rows(
+            *(keys[name] for name in KEY_FIELDS),
+            self.t2[starts], self.first[ends - 1], ends - starts - b_pk,
+            np.add.reduceat(self.nbytes, starts) - b_by, b_pk, b_by,
+            np.bitwise_or.reduceat(_side_flags(self.tcp_flags, side), starts),
+            self._syn2(starts), np.zeros(len(starts), np.uint16),
+            np.full(len(starts), NO_TIME, np.int64), np.zeros(len(starts), bool))
+        if len(self.open_at):
+            self._add_open_rows(rows, starts, ends)
+        return rows
+
+    @cached_property
+    def syn_at(self) -> np.ndarray:
+        """Positions of the pure SYN packets, ascending."""
+        return np.flatnonzero(pure_syn(self.tcp_flags))
+
+    def _syn2(self, starts: np.ndarray) -> np.ndarray:
+        """Per run, the (time, side) of its first pure SYN packet (INT64_MAX: none): times
+        ascend within a run, so the first is the smallest."""
+        syn2 = np.full(len(starts), INT64_MAX, np.int64)
+        at = self.syn_at
+        if len(at):
+            run = np.searchsorted(starts, at, side="right") - 1
+            lead = np.concatenate(([True], run[1:] != run[:-1]))
+            syn2[run[lead]] = self.t2[at[lead]]
+        return syn2
+
+    def _add_open_rows(self, rows: Rows, starts: np.ndarray, ends: np.ndarray) -> None:
+        """Patch the open rows into their runs: ``rows`` counted each as one packet of its
+        first sender with no bytes and no flags. A run may hold two open rows of a key (a
+        split read's fold under disorder beyond the bound): ``ufunc.at`` adds both."""
+        o, at = self.opened, self.open_at
+        run = np.searchsorted(starts, at, side="right") - 1
+        side = self.t2[at] & 1
+        np.add.at(rows.a_pk, run, o.a_pk - (1 - side))
+        np.add.at(rows.b_pk, run, o.b_pk - side)
+        np.add.at(rows.a_by, run, o.a_by)
+        np.add.at(rows.b_by, run, o.b_by)
+        np.bitwise_or.at(rows.flags, run, o.flags)
+        np.minimum.at(rows.syn2, run, o.syn2)
+        ends_here = ends[run] - 1 == at
+        rows.last[run[ends_here]] = o.last[ends_here]
+        starts_here = starts[run] == at
+        rows.prev_flags[run[starts_here]] = o.prev_flags[starts_here]
+        rows.prev_last[run[starts_here]] = o.prev_last[starts_here]
+
+    def values(self, index: np.ndarray) -> ElementValues:
+        """Per-element values at sorted positions ``index``."""
+        opened = np.flatnonzero(self.is_open[index])
+        return ElementValues(self.t2[index], self.first[index], self.side[index],
+                             self.nbytes[index], self.tcp_flags[index], opened,
+                             self.opened.take(np.searchsorted(self.open_at, index[opened])))
+
+    @cached_property
+    def _all(self) -> ElementValues:
+        return ElementValues(self.t2, self.first, self.side, self.nbytes, self.tcp_flags,
+                             self.open_at, self.opened)
+
+    # Whole-window per-element values, as a split read's head (``range_state``) reads them.
+    @property
+    def last(self) -> np.ndarray:
+        return self._all.last
+
+    @property
+    def flags(self) -> np.ndarray:
+        return self._all.flags
+
+    @property
+    def a_by(self) -> np.ndarray:
+        return self._all.a_by
+
+    @property
+    def b_by(self) -> np.ndarray:
+        return self._all.b_by
+
+
+class ElementValues:
+    """Per-element values of elements (a packet's from its time, bytes and flags, an open
+    row's its own), each computed when first read."""
+
+    def __init__(self, t2: np.ndarray, first: np.ndarray, side: np.ndarray,
+                 nbytes: np.ndarray, tcp_flags: np.ndarray, open_at: np.ndarray,
+                 opened: Rows) -> None:
+        self.t2 = t2
+        self._first = first  # t2 >> 1 (not to be written)
+        self._side = side  # t2 & 1 (uint8)
+        self._nbytes = nbytes
+        self._tcp_flags = tcp_flags
+        self._open_at = open_at  # positions of open rows in these elements
+        self._opened = opened
+
+    def _patched(self, values: np.ndarray, name: str) -> np.ndarray:
+        if len(self._open_at):
+            values[self._open_at] = getattr(self._opened, name)
+        return values
+
+    @cached_property
+    def last(self) -> np.ndarray:
+        return self._patched(self._first.copy(), "last")
+
+    @cached_property
+    def a_pk(self) -> np.ndarray:
+        return self._patched(np.subtract(1, self._side, dtype=np.int64), "a_pk")
+
+    @cached_property
+    def b_pk(self) -> np.ndarray:
+        return self._patched(self._side.astype(np.int64), "b_pk")
+
+    @cached_property
+    def a_by(self) -> np.ndarray:
+        # Open rows' b_by is theirs, not a packet's: a_by overwrites those places anyway.
+        return self._patched(self._nbytes - self.b_by, "a_by")
+
+    @cached_property
+    def b_by(self) -> np.ndarray:
+        return self._patched(self._nbytes * self._side, "b_by")
+
+    @cached_property
+    def flags(self) -> np.ndarray:
+        return self._patched(_side_flags(self._tcp_flags, self._side), "flags")
+
+    @cached_property
+    def syn2(self) -> np.ndarray:
+        return self._patched(np.where(pure_syn(self._tcp_flags), self.t2, INT64_MAX), "syn2")
+
+    @cached_property
+    def prev_flags(self) -> np.ndarray:
+        return self._patched(np.zeros(len(self.t2), np.uint16), "prev_flags")
+
+    @cached_property
+    def prev_last(self) -> np.ndarray:
+        return self._patched(np.full(len(self.t2), NO_TIME, np.int64), "prev_last")
+
+
+def pure_syn(tcp_flags: np.ndarray) -> np.ndarray:
+    """SYN without ACK: what may open a new flow on a reused 5-tuple."""
+    return (tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN
+
+
+def _side_flags(tcp_flags: np.ndarray, side: np.ndarray) -> np.ndarray:
+    """uint16 flags: side A's in the low byte, side B's in the high byte."""
+    return np.left_shift(tcp_flags, side << 3, dtype=np.uint16, casting="unsafe")
 
 
 def elements(open_rows: Rows, packets: list[Staged]) -> Elements:
@@ -201,76 +295,69 @@ def elements(open_rows: Rows, packets: list[Staged]) -> Elements:
     parts = [open_rows, *packets]
     keys = KeySources(parts)
     t2 = np.concatenate([p.t2 for p in parts])
-    perm, key_change = _sort_by_key_and_time(keys, np.concatenate([p.hash for p in parts]), t2)
-    t2 = t2[perm]
-    nbytes = np.concatenate([np.zeros(n_open, np.int64)] + [p.nbytes for p in parts[1:]])[perm]
-    flags = np.concatenate([np.zeros(n_open, np.uint8)] + [p.flags for p in parts[1:]])[perm]
-    side = t2 & 1
-    b_by = nbytes * side
-    e = Elements(
-        keys=keys, perm=perm, key_change=key_change, is_open=perm < n_open, t2=t2,
-        last=t2 >> 1, a_pk=1 - side, a_by=nbytes - b_by, b_pk=side, b_by=b_by,
-        flags=flags.astype(np.uint16) << (side.astype(np.uint16) << 3),
-        syn2=np.where((flags & (TCP_SYN | TCP_ACK)) == TCP_SYN, t2, INT64_MAX),
-        prev_flags=np.zeros(len(t2), np.uint16), prev_last=np.full(len(t2), NO_TIME, np.int64))
-    if n_open:
-        at = np.flatnonzero(e.is_open)
-        source = perm[at]
-        for name in ("last", "a_pk", "a_by", "b_pk", "b_by", "flags", "syn2", "prev_flags",
-                     "prev_last"):
-            getattr(e, name)[at] = getattr(open_rows, name)[source]
-    return e
+    perm, key_change, t2 = sort_by_key_and_time(keys, np.concatenate([p.hash for p in parts]),
+                                                t2)
+    nbytes = np.concatenate([np.zeros(n_open, np.int64)] + [p.nbytes for p in packets])[perm]
+    tcp_flags = np.concatenate([np.zeros(n_open, np.uint8)] + [p.flags for p in packets])[perm]
+    is_open = perm < n_open
+    open_at = np.flatnonzero(is_open)
+    return Elements(keys, perm, key_change, is_open, t2, t2 >> 1, nbytes, tcp_flags, open_at,
+                    open_rows.take(perm[open_at]))
 
 
 # -- columns in, columns out ------------------------------------------------------------------
 
 def stage(packets: PacketColumns, frame_bytes: bool) -> Staged:
-    """Key columns of a batch: endpoint a is the smaller (hi, lo, port), as ``order_key``."""
+    """Key columns of a batch: endpoint a is the smaller (hi, lo, port), as ``order_key``.
+
+    Every packet goes through here, so the work is kept narrow: ports, VLAN, version and
+    protocol are packed in 32-bit halves, and an IPv4-only batch shares one read-only zero
+    column for both high address halves."""
     ts = np.asarray(packets.ts_us, np.int64)
     src_hi = np.asarray(packets.src_hi, np.uint64)
     dst_hi = np.asarray(packets.dst_hi, np.uint64)
     src_lo = np.asarray(packets.src_lo, np.uint64)
     dst_lo = np.asarray(packets.dst_lo, np.uint64)
-    src_port = np.asarray(packets.src_port, np.int64)
-    dst_port = np.asarray(packets.dst_port, np.int64)
-    vlan = np.asarray(packets.vlan_id, np.int64)
-    _check_ranges(src_port, dst_port, vlan)
-    has_hi = bool(src_hi.any() or dst_hi.any())
-    swap = (src_lo > dst_lo) | ((src_lo == dst_lo) & (src_port > dst_port))
-    if has_hi:
+    # int32 as PacketColumns has them; negatives wrap to large values and fail the check.
+    src_port = np.asarray(packets.src_port, np.int32).astype(np.uint32)
+    dst_port = np.asarray(packets.dst_port, np.int32).astype(np.uint32)
+    vlan = (np.asarray(packets.vlan_id, np.int32) + 1).astype(np.uint32)
+    if len(ts) and max(int((src_port | dst_port).max()), int(vlan.max())) > _MAX_16:
+        raise ValueError("ports must be in [0, 65535] and vlan_id in [-1, 65534]")
+    forward, reverse = src_port << 16 | dst_port, dst_port << 16 | src_port
+    # (src_lo, src_port) > (dst_lo, dst_port); forward > reverse is src_port > dst_port.
+    swap = (src_lo > dst_lo) | ((src_lo == dst_lo) & (forward > reverse))
+    if src_hi.any() or dst_hi.any():
         swap = (src_hi > dst_hi) | ((src_hi == dst_hi) & swap)
         a_hi, b_hi = np.where(swap, dst_hi, src_hi), np.where(swap, src_hi, dst_hi)
+        a_lo, b_lo = np.where(swap, dst_lo, src_lo), np.where(swap, src_lo, dst_lo)
+        has_hi = True
     else:
-        a_hi = b_hi = np.zeros(len(ts), np.uint64)
-    a_lo, b_lo = np.where(swap, dst_lo, src_lo), np.where(swap, src_lo, dst_lo)
-    a_port = np.where(swap, dst_port, src_port).astype(np.uint64)
-    b_port = np.where(swap, src_port, dst_port).astype(np.uint64)
-    misc = (np.asarray(packets.ip_version, np.uint64) << 56
-            | np.asarray(packets.protocol, np.uint64) << 48
-            | (vlan + 1).astype(np.uint64) << 32 | a_port << 16 | b_port)
+        a_hi = b_hi = np.broadcast_to(np.uint64(0), ts.shape)
+        # Equal lo: either is both.
+        a_lo, b_lo = np.minimum(src_lo, dst_lo), np.maximum(src_lo, dst_lo)
+        has_hi = False
+    misc = (np.asarray(packets.ip_version).astype(np.uint32) << 24
+            | np.asarray(packets.protocol).astype(np.uint32) << 16 | vlan).astype(np.uint64)
+    misc <<= 32
+    misc |= np.where(swap, reverse, forward)
+    t2 = ts << 1
+    t2 |= swap
     nbytes = packets.frame_bytes if frame_bytes else packets.ip_bytes
     return Staged(
-        t2=ts * 2 + swap, misc=misc, a_hi=a_hi, a_lo=a_lo, b_hi=b_hi, b_lo=b_lo,
+        t2=t2, misc=misc, a_hi=a_hi, a_lo=a_lo, b_hi=b_hi, b_lo=b_lo,
         hash=_hash(misc, a_hi, a_lo, b_hi, b_lo, has_hi),
         # Copies: a decoder may reuse its buffers for the next batch.
         nbytes=np.array(nbytes, np.int64), flags=np.array(packets.tcp_flags, np.uint8))
 
 
-def _check_ranges(src_port: np.ndarray, dst_port: np.ndarray, vlan: np.ndarray) -> None:
-    """The packed key has 16 bits per port and for vlan_id + 1."""
-    if len(vlan) and (min(src_port.min(), dst_port.min()) < 0
-                      or max(src_port.max(), dst_port.max()) > _MAX_PORT
-                      or vlan.min() < -1 or vlan.max() > _MAX_VLAN):
-        raise ValueError("ports must be in [0, 65535] and vlan_id in [-1, 65534]")
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser, in place (0 maps to 0)."""
-    x ^= x >> 30
+def _mix(x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser, in place (0 maps to 0); ``scratch``: a buffer like ``x``."""
+    x ^= np.right_shift(x, 30, out=scratch)
     x *= 0xBF58476D1CE4E5B9
-    x ^= x >> 27
+    x ^= np.right_shift(x, 27, out=scratch)
     x *= 0x94D049BB133111EB
-    x ^= x >> 31
+    x ^= np.right_shift(x, 31, out=scratch)
     return x
 
 
@@ -278,48 +365,16 @@ def _hash(misc: np.ndarray, a_hi: np.ndarray, a_lo: np.ndarray, b_hi: np.ndarray
           b_lo: np.ndarray, has_hi: bool) -> np.ndarray:
     """64-bit key hash; the high-address term is 0 for IPv4, so it is skipped for batches
     without one and a key hashes the same in every batch."""
-    h = _mix(a_lo * 0x9E3779B97F4A7C15 ^ b_lo)
+    scratch = np.empty_like(misc)
+    h = a_lo * 0x9E3779B97F4A7C15
+    h ^= b_lo
+    h = _mix(h, scratch)
     h ^= misc
     if has_hi:
-        h ^= _mix(a_hi * 0xC2B2AE3D27D4EB4F ^ b_hi)
-    return _mix(h)
-
-
-def _sort_by_key_and_time(keys: KeySources, hashes: np.ndarray,
-                          t2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The order of elements by key, then (time, side), and where the key changes in it.
-
-    One ``np.sort`` of uint64 does it: the high bits hold the key hash, the low bits the rank
-    in time order (a stable argsort of nearly sorted times is cheap). Two keys sharing the
-    hash bits would interleave: ``runs_agree`` finds that exactly, and ``np.lexsort`` then
-    sorts on the key columns themselves.
-    """
-    n = len(t2)
-    by_time = np.argsort(t2, kind="stable")
-    bits = max(1, (n - 1).bit_length())
-    low = np.uint64((1 << bits) - 1)
-    composite = (hashes[by_time] & ~low) | np.arange(n, dtype=np.uint64)
-    composite.sort()
-    perm = by_time[(composite & low).astype(np.intp)]
-    hash_change = (composite[1:] ^ composite[:-1]) > low
-    if keys.runs_agree(perm, np.flatnonzero(np.concatenate(([True], hash_change)))):
-        return perm, hash_change
-    columns = keys.concat()
-    perm = np.lexsort((t2, columns["b_lo"], columns["a_lo"], columns["b_hi"], columns["a_hi"],
-                       columns["misc"]))
-    return perm, _key_change(columns, perm)
-
-
-def _key_change(keys: dict[str, np.ndarray], perm: np.ndarray) -> np.ndarray:
-    """Where the key changes between consecutive elements in ``perm`` order."""
-    names = ["misc", "a_lo", "b_lo"]
-    if keys["a_hi"].any() or keys["b_hi"].any():
-        names += ["a_hi", "b_hi"]
-    change = np.zeros(max(len(perm) - 1, 0), bool)
-    for name in names:
-        column = keys[name][perm]
-        change |= column[1:] != column[:-1]
-    return change
+        high = a_hi * 0xC2B2AE3D27D4EB4F
+        high ^= b_hi
+        h ^= _mix(high, scratch)
+    return _mix(h, scratch)
 
 
 def key_columns(keys: dict[str, np.ndarray], scope: str) -> list[list]:
@@ -332,7 +387,7 @@ def key_columns(keys: dict[str, np.ndarray], scope: str) -> list[list]:
             [scope] * len(misc)]
 
 
-def value_columns(source: Rows | Elements, index: slice | np.ndarray) -> list[list[int]]:
+def value_columns(source: Rows | ElementValues, index: slice | np.ndarray) -> list[list[int]]:
     """Fragment fields after the key, up to ``open_at_end``."""
     t2, syn2, flags = source.t2[index], source.syn2[index], source.flags[index]
     has_syn = syn2 != INT64_MAX

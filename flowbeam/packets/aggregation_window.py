@@ -25,6 +25,7 @@ from flowbeam.flows.protocols import TCP_FIN, TCP_RST
 from flowbeam.packets.aggregation_columns import (
     INT64_MAX,
     Elements,
+    ElementValues,
     Rows,
     Staged,
     elements,
@@ -97,23 +98,23 @@ class Window:
 
     def _slow_keys(self, e: Elements, key_starts: np.ndarray) -> np.ndarray:
         """Keys the vectorised rules cannot decide: possible port reuse, late overlaps."""
-        first = e.t2 >> 1
-        pure_syn = (e.syn2 != INT64_MAX) & ~e.is_open
         slow = np.zeros(len(key_starts), bool)
-        if pure_syn.any():
+        if len(e.syn_at):
             # A pure SYN at or after a FIN/RST of its key (ties included) may start a new
             # flow. An open row's flags, and those of its flow's earlier rows, count as seen
-            # at its first packet: they all precede the window's packets.
-            ends = (e.flags | e.prev_flags) & _FIN_RST_BOTH
-            syn_t = np.where(pure_syn, first, _INT64_MIN)
-            end_t = np.where(ends != 0, first, INT64_MAX)
-            slow |= (np.maximum.reduceat(syn_t, key_starts)
-                     >= np.minimum.reduceat(end_t, key_starts))
-        if self._late and e.is_open.any():
+            # at its first packet: they all precede the window's packets. Times ascend
+            # within a key: its last SYN and its first FIN/RST decide.
+            o = e.opened
+            ended = ((o.flags | o.prev_flags) & _FIN_RST_BOTH) != 0
+            end_at = np.sort(np.concatenate((np.flatnonzero(e.tcp_flags & (TCP_FIN | TCP_RST)),
+                                             e.open_at[ended])))
+            slow = (_at_key(e.first, key_starts, e.syn_at, _INT64_MIN, last=True)
+                    >= _at_key(e.first, key_starts, end_at, INT64_MAX, last=False))
+        if self._late and len(e.open_at):
             # A late packet at or before the last packet of its key's open row: the running
             # maximum of last_us is no longer the previous element's last_us.
             open_last = np.where(e.is_open, e.last, _INT64_MIN)
-            packet_first = np.where(e.is_open, INT64_MAX, first)
+            packet_first = np.where(e.is_open, INT64_MAX, e.first)
             slow |= (np.maximum.reduceat(open_last, key_starts)
                      >= np.minimum.reduceat(packet_first, key_starts))
         return slow
@@ -127,9 +128,13 @@ class Window:
         key change is always a cut) but their rows are dropped: the slow path redoes them.
         """
         n = len(e)
-        first = e.t2 >> 1
-        boundary = np.zeros(n, bool)
-        boundary[1:] = first[1:] - e.last[:-1] >= self._idle
+        first = e.first
+        boundary = np.empty(n, bool)
+        np.greater_equal(np.diff(first), self._idle, out=boundary[1:])
+        # After an open row the gap runs from its last packet.
+        inner = e.open_at < n - 1
+        after = e.open_at[inner] + 1
+        boundary[after] = first[after] - e.opened.last[inner] >= self._idle
         boundary[key_starts] = True
         seg_starts = np.flatnonzero(boundary)
         seg_ends = np.append(seg_starts[1:], n)
@@ -139,8 +144,7 @@ class Window:
             points = [self._chain(first, int(seg_starts[s]), int(seg_ends[s])) for s in chained]
             row_starts = np.union1d(seg_starts, np.concatenate(points))
         rows = e.rows(row_starts)
-        rows.prev_flags, rows.prev_last = self._flow_before(
-            e, rows, row_starts, seg_starts[chained], seg_ends[chained])
+        self._flow_before(rows, row_starts, seg_starts[chained], seg_ends[chained])
         key_of_row = np.searchsorted(key_starts, row_starts, side="right") - 1
         key_last = np.append(key_of_row[1:] != key_of_row[:-1], True)
         head = head_rows(rows, key_of_row, head_end)
@@ -164,13 +168,12 @@ class Window:
             anchor = int(times[j])
 
     @staticmethod
-    def _flow_before(e: Elements, rows: Rows, row_starts: np.ndarray,
-                     chain_starts: np.ndarray, chain_ends: np.ndarray,
-                     ) -> tuple[np.ndarray, np.ndarray]:
+    def _flow_before(rows: Rows, row_starts: np.ndarray, chain_starts: np.ndarray,
+                     chain_ends: np.ndarray) -> None:
         """Flags and last time of each row's earlier rows in its flow (after active timeouts):
-        an open row carries its own; rows a chain splits add their predecessors'."""
-        prev_flags = e.prev_flags[row_starts]
-        prev_last = e.prev_last[row_starts]
+        an open row carries its own (``Elements.rows``); rows a chain splits add their
+        predecessors'."""
+        prev_flags, prev_last = rows.prev_flags, rows.prev_last
         for lo, hi in zip(np.searchsorted(row_starts, chain_starts),
                           np.searchsorted(row_starts, chain_ends), strict=True):
             flags, last = int(prev_flags[lo]), int(prev_last[lo])
@@ -178,7 +181,6 @@ class Window:
                 flags |= int(rows.flags[r])
                 last = max(last, int(rows.last[r]))
                 prev_flags[r + 1], prev_last[r + 1] = flags, last
-        return prev_flags, prev_last
 
     def _slow_rows(self, e: Elements, starts: np.ndarray, ends: np.ndarray,
                    head_end: np.ndarray | None) -> tuple[Rows, Rows, Rows]:
@@ -192,10 +194,12 @@ class Window:
         # Rows are cut per key within this aggregator, whose scope is one: leave it empty here.
         keys = list(zip(*key_columns(packed_keys, ""), strict=True))
         count = int(offsets[-1])
+        values = e.values(index)
         fragments = list(map(tuple.__new__, repeat(Fragment, count), zip(
             chain.from_iterable(map(repeat, keys, lengths.tolist())),
-            *value_columns(e, index), repeat(False, count), repeat((), count), strict=True)))
-        continuations = self._continuations(e, index, offsets, keys)
+            *value_columns(values, slice(None)), repeat(False, count), repeat((), count),
+            strict=True)))
+        continuations = self._continuations(values, offsets, keys)
         merged, prev_flags, prev_last, key_index = [], [], [], []
         bounds = offsets.tolist()
         for k, key_continuation in enumerate(continuations):
@@ -239,18 +243,31 @@ class Window:
         return out
 
     @staticmethod
-    def _continuations(e: Elements, index: np.ndarray, offsets: np.ndarray,
+    def _continuations(values: ElementValues, offsets: np.ndarray,
                        keys: list[FlowKey]) -> list[Continuation | None]:
         """Per slow key: its open row's flow so far, when that row continues a flow after an
-        active timeout (what ``split_rows`` needs to go on with it)."""
+        active timeout (what ``split_rows`` needs to go on with it; packets have no
+        ``prev_last``)."""
         continuations: list[Continuation | None] = [None] * len(keys)
-        positions = np.flatnonzero(e.is_open[index] & (e.prev_last[index] != NO_TIME))
+        positions = np.flatnonzero(values.prev_last != NO_TIME)
         owners = np.searchsorted(offsets, positions, side="right") - 1
-        for k, i in zip(owners.tolist(), index[positions].tolist(), strict=True):
-            flags = int(e.prev_flags[i])
-            continuations[k] = Continuation(keys[k], SIDE_A, int(e.prev_last[i]),
-                                            flags & 0xFF, flags >> 8)
+        for k, flags, last in zip(owners.tolist(), values.prev_flags[positions].tolist(),
+                                  values.prev_last[positions].tolist(), strict=True):
+            continuations[k] = Continuation(keys[k], SIDE_A, last, flags & 0xFF, flags >> 8)
         return continuations
+
+
+def _at_key(first: np.ndarray, key_starts: np.ndarray, at: np.ndarray, default: int,
+            last: bool) -> np.ndarray:
+    """Per key, the time of its last (else first) element among the ascending positions
+    ``at`` (``default``: none)."""
+    out = np.full(len(key_starts), default, np.int64)
+    if len(at):
+        key = np.searchsorted(key_starts, at, side="right") - 1
+        change = key[1:] != key[:-1]
+        pick = np.append(change, True) if last else np.concatenate(([True], change))
+        out[key[pick]] = first[at[pick]]
+    return out
 
 
 def _rows_of_fragments(keys: dict[str, np.ndarray], fragments: list[Fragment],
