@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import apache_beam as beam
@@ -180,3 +182,43 @@ def test_decode_processes_default_to_the_cores_of_the_in_process_runner(
 def test_zero_decode_processes_is_refused():
     with pytest.raises(OptionsError, match="--decode_processes must be 1 or more, got 0"):
         decode_processes_of(PipelineOptions(["--decode_processes=0"]))
+
+
+# --- the workers' allocator -------------------------------------------------------------
+
+FAULTS = """
+import resource, sys
+from flowbeam.capture.reader import read_capture
+from flowbeam.packets.range_pool import keep_freed_memory
+from flowbeam.packets.to_fragments import PacketsToFragments
+
+def decode():
+    step = PacketsToFragments(120_000_000, 1_800_000_000)
+    with open(sys.argv[2], "rb") as stream:
+        for batch in read_capture(stream):
+            step.add(batch)
+    step.finish()
+
+if sys.argv[1] == "kept":
+    keep_freed_memory()
+decode()  # the first time every page is new
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    decode()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@shared
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_workers_reuse_freed_arrays_instead_of_faulting_them_in_again():
+    capture = CAPTURES[0].parent / "sv_denial6-6.pcap"
+
+    def faults(mode: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", FAULTS, mode, str(capture)],
+                                  check=True, capture_output=True, text=True,
+                                  cwd=Path(__file__).parents[1]).stdout)
+
+    default, kept = faults("default"), faults("kept")
+    assert default > 10_000  # pages of freed arrays faulted in again, batch after batch
+    assert kept < default // 10
