@@ -21,8 +21,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from flowbeam.packets.range_decode import FragmentSettings
-from flowbeam.packets.range_pool import decode_in_processes, pool_ranges
+from flowbeam.capture.splits import DEFAULT_LOOKBACK
+from flowbeam.packets.range_decode import CaptureRange, FragmentSettings
+from flowbeam.packets.range_pool import WorkerDied, _Workers, decode_in_processes, pool_ranges
+from flowbeam.packets.range_worker import decode_range_job
 from pipelines.options import OptionsError
 from pipelines.pcap_flows import decode_processes_of
 from tests.test_capture_splits import (
@@ -189,7 +191,7 @@ def test_zero_decode_processes_is_refused():
 FAULTS = """
 import resource, sys
 from flowbeam.capture.reader import read_capture
-from flowbeam.packets.range_pool import keep_freed_memory
+from flowbeam.packets.range_worker import keep_freed_memory
 from flowbeam.packets.to_fragments import PacketsToFragments
 
 def decode():
@@ -222,3 +224,42 @@ def test_workers_reuse_freed_arrays_instead_of_faulting_them_in_again():
     default, kept = faults("default"), faults("kept")
     assert default > 10_000  # pages of freed arrays faulted in again, batch after batch
     assert kept < default // 10
+
+
+# --- workers that fail --------------------------------------------------------------------
+
+class _ExitWhenUnpickled:
+    """A job that ends the worker process reading it (``os._exit``): a worker killed."""
+
+    def __reduce__(self):
+        return os._exit, (3,)
+
+
+def test_a_worker_that_fails_or_dies_is_reported(tmp_path):
+    workers = _Workers(2)
+    try:
+        results = workers.run([("not", "a", "job", 0), _ExitWhenUnpickled()])
+        with pytest.raises(RuntimeError, match=r"(?s)^a range decoding process failed:\n"
+                           r"Traceback.*AttributeError: 'str' object has no attribute 'path'"):
+            next(results)
+    finally:
+        workers.stop()
+    path = write(tmp_path / "a.pcap", adversarial_packets())
+    size = path.stat().st_size
+    workers = _Workers(2)
+    try:
+        results = workers.run([(CaptureRange(str(path), 0, 2, 0, size // 2, size), SETTINGS,
+                                DEFAULT_LOOKBACK, 1 << 16), _ExitWhenUnpickled()])
+        assert next(results)[1].packets > 0
+        with pytest.raises(WorkerDied, match=r"^a decoding process ended \(exit code 3\)$"):
+            next(results)
+    finally:
+        workers.stop()
+
+
+def test_a_range_whose_file_vanished_sends_the_file_to_the_whole_read(tmp_path):
+    part = CaptureRange(str(tmp_path / "gone.pcap"), 1, 2, 100, 200, 200)
+    fragments, summary = decode_range_job((part, SETTINGS, DEFAULT_LOOKBACK, 1 << 16))
+    assert fragments == []
+    assert summary.outcome.problem == (
+        f"cannot be read as a range: [Errno 2] No such file or directory: '{part.path}'")

@@ -40,6 +40,7 @@ from flowbeam.packets.range_decode import (
     FragmentSettings,
     RangeSummary,
     decode_range,
+    unreadable,
 )
 from flowbeam.packets.to_fragments import fold_ranges
 from transforms.capture_reports import log_read_whole, report_ranges
@@ -110,7 +111,7 @@ class DecodeRangeFn(beam.DoFn):
             stream = _open(part.path)
         except OSError as error:  # BeamIOError included
             yield TaggedOutput(SUMMARIES_TAG, (part.path, RangeSummary(
-                part.index, RangeOutcome(problem=f"cannot be read as a range: {error}"))))
+                part.index, RangeOutcome(problem=unreadable(error)))))
             return
         with stream:
             for item in decode_range(stream, part, self._settings, lookback=self._lookback,

@@ -81,10 +81,15 @@ def decode_range(stream: BinaryIO, part: CaptureRange, settings: FragmentSetting
             if fragments:
                 yield fragments
     except (CaptureError, OSError, EOFError, zlib.error) as error:
-        outcome.problem = f"cannot be read as a range: {error}"
+        outcome.problem = unreadable(error)
     fragments, state = step.finish_range()
     if fragments:
         yield fragments
     yield RangeSummary(part.index, outcome, step.packets, step.bytes,
                        {reason: count for reason, count in step.malformed.items() if count},
                        tuple(sorted(step.unknown_linktypes)), state)
+
+
+def unreadable(error: Exception) -> str:
+    """Why a range could not be read (``RangeOutcome.problem``): its file is read whole."""
+    return f"cannot be read as a range: {error}"

@@ -4,29 +4,30 @@ Beam's in-process runner decodes a file on one core. Its multi-process mode puts
 SDK worker on each core, which on this project's 2-core machine cost as much as the second
 core saved (a Beam import and a gRPC channel per worker, every fragment sent between
 processes). Here the file's split read (``flowbeam.capture.splits``: exact, boundaries
-included) runs on a pool of plain worker processes instead: they import only flowbeam and
-NumPy (started from a ``forkserver``, never forked from a process that holds Beam's threads),
-open the file themselves and send back only fragments and the range summaries, which are
-small next to the packets. The 20M-packet benchmark capture decodes in about 7.5 s on two
-processes against about 13 s in one.
+included) runs on plain worker processes instead (``flowbeam.packets.range_worker``): they
+import only flowbeam and NumPy, open the file themselves and send back only fragments and the
+range summaries, which are small next to the packets.
 
-The ranges are settled and folded here, in range order as their results arrive
-(``settle_ranges``, ``fold_ranges``), so a file's rows are exactly its whole read's. When the
-ranges do not fit together, or the pool breaks (a worker killed), ``decode_in_processes``
-says so and the caller reads the file whole; nothing of the ranges is kept then, which is why
-their fragments wait here until the file is settled.
+The ranges are dealt out in turn (range ``i`` to worker ``i mod n``: they are of equal size)
+and settled and folded here in range order as their results arrive (``settle_ranges``,
+``fold_ranges``), so a file's rows are exactly its whole read's. When the ranges do not fit
+together, or a worker dies, ``decode_in_processes`` says so and the caller reads the file
+whole; nothing of the ranges is kept then, which is why their fragments wait here until the
+file is settled.
 """
 
 from __future__ import annotations
 
-import collections
-import ctypes
 import dataclasses
-import multiprocessing
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from typing import Any
 
 from flowbeam.capture.splits import DEFAULT_LOOKBACK, Settlement, equal_ranges, settle_ranges
 from flowbeam.flows.fragment import Fragment
@@ -35,15 +36,19 @@ from flowbeam.packets.range_decode import (
     CaptureRange,
     FragmentSettings,
     RangeSummary,
-    decode_range,
 )
 from flowbeam.packets.range_state import RangeState
+from flowbeam.packets.range_worker import RangeJob
 from flowbeam.packets.to_fragments import fold_ranges
 
 # Ranges of about this size: a few per process on a capture of a few GB, so that a slow one
 # leaves little idle time at the end, each costing a few MB of re-read at its edges.
 POOL_RANGE_BYTES = 256 << 20
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
+_RESULTS_AHEAD = 2  # results a worker may have ready beyond the one being folded
+
+
+class WorkerDied(Exception):
+    """A worker process ended before answering all of its jobs."""
 
 
 @dataclass
@@ -81,20 +86,17 @@ def decode_in_processes(path: str, size: int, settings: FragmentSettings, proces
     bounds = pool_ranges(size, processes, range_bytes)
     parts = [CaptureRange(path, index, len(bounds), start, end, size)
              for index, (start, end) in enumerate(bounds)]
-    jobs = [(part, settings, lookback, chunk_size) for part in parts]
     read = PooledRead(Settlement(0, False))
-    with ProcessPoolExecutor(min(processes, len(parts)), mp_context=_context(),
-                             initializer=keep_freed_memory) as pool:
-        try:
-            results = _in_order(pool, jobs, ahead=2 * processes)
-            folded = fold_ranges(_settled_states(results, read, on_range),
-                                 settings.idle_timeout_us, settings.active_timeout_us,
-                                 settings.sensor)
-        except BrokenProcessPool as error:
-            pool.shutdown(cancel_futures=True)
-            return PooledRead(Settlement(0, True, f"a decoding process ended: {error}"))
-        if len(read.summaries) < len(parts):
-            pool.shutdown(cancel_futures=True)  # whole, or damage: later ranges do not count
+    workers = _Workers(min(processes, len(parts)))
+    try:
+        results = workers.run([(part, settings, lookback, chunk_size) for part in parts])
+        folded = fold_ranges(_settled_states(results, read, on_range),
+                             settings.idle_timeout_us, settings.active_timeout_us,
+                             settings.sensor)
+    except WorkerDied as error:
+        return PooledRead(Settlement(0, True, str(error)))
+    finally:
+        workers.stop()
     if read.settlement.whole:
         return PooledRead(read.settlement)
     if folded:
@@ -102,28 +104,76 @@ def decode_in_processes(path: str, size: int, settings: FragmentSettings, proces
     return read
 
 
-def decode_range_job(job: tuple[CaptureRange, FragmentSettings, int, int]
-                     ) -> tuple[list[list[Fragment]], RangeSummary]:
-    """In a worker process: one range's fragment lists and summary."""
-    part, settings, lookback, chunk_size = job
-    with open(part.path, "rb") as stream:
-        *fragments, summary = decode_range(stream, part, settings, lookback=lookback,
-                                           chunk_size=chunk_size)
-    return fragments, summary
+class _Workers:
+    """Worker processes (``python -m flowbeam.packets.range_worker``) and a thread per worker
+    that reads its results as they come, so that a worker never waits for the fold to take
+    its result (at most ``_RESULTS_AHEAD`` wait per worker)."""
 
+    def __init__(self, count: int) -> None:
+        # The workers import the parent's flowbeam, wherever that was found.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path))
+        self._processes = [
+            subprocess.Popen([sys.executable, "-m", "flowbeam.packets.range_worker"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            for _ in range(count)]
+        self._results = [queue.Queue(_RESULTS_AHEAD) for _ in range(count)]
+        self._readers: list[threading.Thread] = []
+        self._stopping = threading.Event()
 
-def _in_order(pool: ProcessPoolExecutor, jobs: list, ahead: int
-              ) -> Iterator[tuple[list[list[Fragment]], RangeSummary]]:
-    """``decode_range_job`` over ``jobs`` in the pool, results in order, at most ``ahead``
-    jobs submitted but not yet consumed: the results of a big file's ranges do not pile up
-    in memory behind a slow one."""
-    pending: collections.deque[Future] = collections.deque()
-    for job in jobs:
-        pending.append(pool.submit(decode_range_job, job))
-        if len(pending) >= ahead:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+    def run(self, jobs: list[RangeJob]) -> Iterator[tuple[list[list[Fragment]], RangeSummary]]:
+        """Each job's result, in the order of ``jobs``; raises ``WorkerDied``."""
+        count = len(self._processes)
+        for index, process in enumerate(self._processes):
+            mine = jobs[index::count]
+            reader = threading.Thread(target=self._read, args=(index, len(mine)), daemon=True,
+                                      name=f"range-worker-{index}")
+            reader.start()
+            self._readers.append(reader)
+            try:
+                for job in mine:
+                    pickle.dump(job, process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                process.stdin.close()
+            except OSError:  # it died already: its reader says so
+                pass
+        for index in range(len(jobs)):
+            status, value = self._results[index % count].get()
+            if status == "error":
+                raise RuntimeError(f"a range decoding process failed:\n{value}")
+            if status == "died":
+                raise WorkerDied(value)
+            yield value
+
+    def stop(self) -> None:
+        """End the workers, finished or not (a settled file needs nothing more of them)."""
+        self._stopping.set()
+        for process in self._processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        for reader in self._readers:
+            reader.join()
+        for process in self._processes:
+            process.stdout.close()
+
+    def _read(self, index: int, answers: int) -> None:
+        process = self._processes[index]
+        for _ in range(answers):
+            try:
+                answer: Any = pickle.load(process.stdout)
+            except (EOFError, OSError, pickle.UnpicklingError, ValueError):
+                answer = ("died", f"a decoding process ended (exit code {process.wait()})")
+            if not self._put(index, answer) or answer[0] != "ok":
+                return
+
+    def _put(self, index: int, answer: Any) -> bool:
+        """Queue an answer for ``run``, unless the workers are being stopped."""
+        while not self._stopping.is_set():
+            try:
+                self._results[index].put(answer, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
 
 def _settled_states(results: Iterator[tuple[list[list[Fragment]], RangeSummary]],
@@ -145,31 +195,3 @@ def _settled_states(results: Iterator[tuple[list[list[Fragment]], RangeSummary]]
         yield summary.state
         if summary.outcome.damage is not None:
             return  # the file ends here, as its whole read does
-
-
-def keep_freed_memory() -> None:
-    """In a worker: glibc's allocator keeps freed memory for the next batch's arrays.
-
-    Every batch makes NumPy arrays of 0.2-2 MB; by default glibc maps each with ``mmap`` and
-    returns it to the system when freed, so the next batch takes a page fault for every 4 KB
-    it touches again (~170,000 faults reading the 20M-packet capture, a sixth of its read
-    CPU). Allocating them from the heap and trimming it only past 256 MB makes them reusable.
-    Elsewhere than glibc this does nothing.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # blocks up to 32 MB from the heap
-    mallopt(_M_TRIM_THRESHOLD, 256 << 20)
-    mallopt(_M_TOP_PAD, 64 << 20)
-
-
-def _context() -> multiprocessing.context.BaseContext:
-    """Workers from a ``forkserver`` that has imported this module (and so NumPy and the
-    decoder) once: each starts in milliseconds, without the caller's threads or Beam."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return context
