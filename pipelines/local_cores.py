@@ -5,7 +5,9 @@ Beam's in-process engine (``FnApiRunner``) runs every stage on one core. With
 processes and hands each stage's input out among them; a big capture split into byte ranges
 (``transforms.capture_ranges``, exact) is then decoded on every core at once. Starting the
 workers costs a Beam import each (~2 s), stopping them ~1.5 s, and fragments move between
-processes, so it is the user's choice, not a default (see ``local_workers``).
+processes, so it is the user's choice, not a default (see ``local_workers``): by default the
+in-process runner decodes a big local capture on every core with plain worker processes
+instead (``--decode_processes``, ``flowbeam.packets.range_pool``).
 
 The workers' log lines reach the launcher through Beam's logging service, which prints each
 as a raw ``LogEntry`` protobuf; ``WorkerLogFilter`` turns them back into the message alone and
