@@ -1,4 +1,5 @@
-"""Local batch runs on several cores, when asked for, and the end of a local run.
+"""Local batch runs on several cores, when asked for, and the end of a local run (batch:
+once its summary is out; streaming: at Ctrl-C).
 
 Beam's in-process engine (``FnApiRunner``) runs every stage on one core. With
 ``--direct_num_workers=N --direct_running_mode=multi_processing`` it starts N SDK worker
@@ -21,7 +22,9 @@ import codecs
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from typing import NoReturn
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
@@ -31,6 +34,8 @@ from pipelines.options import BATCH_RUNNER
 _WORKER_LOGGER = "apache_beam.runners.portability.local_job_service"
 _MESSAGE = re.compile(r'\bmessage: "((?:[^"\\]|\\.)*)"')
 _NOISE = ("No semi_persistent_directory found",)
+STOPPED = ("flowbeam: stopped (flows still open, and rows not yet in a file, are not "
+           "written)")
 
 
 def local_workers(options: PipelineOptions) -> int:
@@ -89,3 +94,32 @@ def exit_after_run(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def exit_on_interrupt(message: str = STOPPED) -> None:
+    """From now on Ctrl-C (SIGINT) prints ``message`` and ends the process at once: a local
+    streaming run has no other end. Call it from the main thread.
+
+    Not by catching ``KeyboardInterrupt`` around ``wait_until_finish``: only the main thread
+    raises it, and twice in one test run a streaming pipeline's main thread had not within
+    30 s (its exit code then -9); ``result.cancel()`` in turn waits for the DirectRunner's
+    readers, which may sit in a 30 s pull. Python writes every signal it catches to the
+    wakeup fd from its C handler, whatever the main thread is doing, so a thread watching
+    that fd acts on it. Every file written so far is complete (written under a temporary
+    name, then renamed); what was not yet written is lost, as ``message`` says.
+    """
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    signal.signal(signal.SIGINT, lambda signum, frame: None)  # the watcher acts on it
+    threading.Thread(target=_exit_at_sigint, args=(read_fd, message), daemon=True,
+                     name="flowbeam-interrupt").start()
+
+
+def _exit_at_sigint(read_fd: int, message: str) -> None:
+    while signal.SIGINT not in os.read(read_fd, 64):
+        pass
+    print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # not logging.shutdown(): a stuck thread may hold a handler's lock

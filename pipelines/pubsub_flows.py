@@ -16,7 +16,6 @@ option can also come from ``FLOWBEAM_<NAME>``.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from flowbeam.agent.batch_format import TIMESTAMP_ATTRIBUTE
 from flowbeam.env_options import env_default
+from pipelines.local_cores import exit_on_interrupt
 from pipelines.options import (
     USAGE_ERROR,
     BigQueryOptions,
@@ -174,17 +174,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     result = pipeline.run()
     if launched_elsewhere(result, options, streaming=True):  # drained: open flows emitted
         return 0
-    try:
-        result.wait_until_finish()
-    except KeyboardInterrupt:
-        print("flowbeam: stopped (flows still open, and rows not yet in a file, are not "
-              "written)", file=sys.stderr)
-        # Not result.cancel(): the DirectRunner's cancel waits for its Pub/Sub reader, which
-        # may sit in a pull for 30 s more, and its threads are no daemons. Every file written
-        # so far is complete (written under a temporary name, then renamed): leave now.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    exit_on_interrupt()
+    result.wait_until_finish()
     return 0
 
 

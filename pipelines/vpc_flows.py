@@ -34,6 +34,7 @@ from flowbeam.env_options import unknown_environment
 from flowbeam.vpc.fragments import to_fragment
 from flowbeam.vpc.schemas import DENIED_FLOWS, EXTRA_TABLES, SUBNET_TRAFFIC
 from flowbeam.vpc.subnets import Subnet, SubnetsError
+from pipelines.local_cores import exit_on_interrupt
 from pipelines.options import (
     USAGE_ERROR,
     BigQueryOptions,
@@ -264,11 +265,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     if launched_elsewhere(result, options, config.streaming):
         return 0
     if config.streaming:
-        try:
-            result.wait_until_finish()
-        except KeyboardInterrupt:
-            print("flowbeam: stopping", file=sys.stderr)
-            result.cancel()
+        exit_on_interrupt()
+        result.wait_until_finish()
         return 0
     result.wait_until_finish()
     values = counter_values(result)

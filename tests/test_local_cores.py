@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +108,29 @@ def test_big_captures_are_split_when_there_are_workers_to_share_them(argv, worke
 def test_a_negative_split_size_is_refused():
     with pytest.raises(OptionsError, match=r"--split_mb must be 0 \(no splits\) or positive"):
         split_mb_of(PipelineOptions(["--split_mb=-1"]), 2)
+
+
+# --- Ctrl-C ends a local streaming run ------------------------------------------------------
+
+STUCK_MAIN_THREAD = """
+import os, sys
+from pipelines.local_cores import exit_on_interrupt
+exit_on_interrupt("flowbeam: stopped (test)")
+print("ready", flush=True)
+read_end, _ = os.pipe()
+os.read(read_end, 1)  # blocks for ever: only the watcher can end the process
+"""
+
+
+def test_ctrl_c_ends_the_process_even_when_the_main_thread_is_stuck():
+    process = subprocess.Popen([sys.executable, "-c", STUCK_MAIN_THREAD],
+                               cwd=Path(__file__).parents[1], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "ready\n"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.stderr.read() == "flowbeam: stopped (test)\n"
