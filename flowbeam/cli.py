@@ -53,6 +53,8 @@ def run_pipeline(command: str, argv: Sequence[str]) -> int:
     and ``flowbeam capture`` (on a sensor) and ``flowbeam generate`` need none of it."""
     if command == "pcap":
         from pipelines import pcap_flows
+        from pipelines.local_cores import freeze_imported_objects
+        freeze_imported_objects()
         return pcap_flows.run(argv)
     if command == "vpc":
         from pipelines import vpc_flows

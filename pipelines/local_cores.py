@@ -19,6 +19,7 @@ concept that means nothing here).
 from __future__ import annotations
 
 import codecs
+import gc
 import logging
 import os
 import re
@@ -83,6 +84,15 @@ def install_worker_log_filter() -> None:
     logger = logging.getLogger(_WORKER_LOGGER)
     if not any(isinstance(existing, WorkerLogFilter) for existing in logger.filters):
         logger.addFilter(WorkerLogFilter())
+
+
+def freeze_imported_objects() -> None:
+    """Leave what the imports made (Beam's modules: ~1.5M objects) out of the cyclic garbage
+    collector's full collections: it lives as long as the process anyway. On the 20M-packet
+    capture the collections during the run took 1.10 s before, 0.54 s after (gc.callbacks
+    timings, one run each). Called by a batch run's entry point, never by ``run()``: a test
+    process calls that many times, and would keep its garbage."""
+    gc.freeze()
 
 
 def exit_after_run(code: int) -> NoReturn:

@@ -23,7 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from flowbeam.env_options import env_default, unknown_environment
 from flowbeam.packets.range_pool import POOL_RANGE_BYTES
-from pipelines.local_cores import exit_after_run, local_workers
+from pipelines.local_cores import exit_after_run, freeze_imported_objects, local_workers
 from pipelines.options import (
     BATCH_RUNNER,
     USAGE_ERROR,
@@ -255,6 +255,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    freeze_imported_objects()
     exit_after_run(run())
 
 
