@@ -15,7 +15,6 @@ offset and the reason. Malformed packets are counted per reason in Beam metrics.
 from __future__ import annotations
 
 import logging
-import os
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -30,7 +29,6 @@ from flowbeam.capture.reader import (
     CaptureDamagedError,
     CaptureFormatError,
     CaptureStats,
-    capture_kind,
     read_capture,
 )
 from flowbeam.capture.splits import DEFAULT_LOOKBACK
@@ -48,6 +46,7 @@ from transforms.capture_ranges import (
     KeepSettledFn,
     PlanRangesFn,
     SettleRangesFn,
+    splittable_size,
 )
 from transforms.capture_reports import (
     damaged_file,
@@ -101,16 +100,10 @@ class _DecodeCaptureFileFn(beam.DoFn):
         """The file decoded in ranges by local processes, or None: one process is asked
         for, the file is small, not local, compressed or no capture (the whole read says
         so), or its ranges do not fit together."""
-        if (self._processes < 2 or FileSystems.get_scheme(path) is not None
-                or CompressionTypes.detect_compression_type(path)
-                != CompressionTypes.UNCOMPRESSED):
+        if self._processes < 2 or FileSystems.get_scheme(path) is not None:
             return None
-        try:
-            size = os.path.getsize(path)
-            with open(path, "rb") as stream:
-                if size <= self._range_bytes or capture_kind(stream.read(4)) is None:
-                    return None
-        except OSError:
+        size = splittable_size(path, self._range_bytes)
+        if size is None:
             return None
         pooled = decode_in_processes(
             path, size, self._settings, self._processes, range_bytes=self._range_bytes,

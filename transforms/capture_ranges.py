@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.io.filesystem import BeamIOError, CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import TaggedOutput
 
@@ -76,19 +76,28 @@ class PlanRangesFn(beam.DoFn):
                                CaptureRange(path, index, len(ranges), start, end, size))
 
     def _ranges(self, path: str) -> list[tuple[int, int]]:
-        if self._split_bytes <= 0 or (CompressionTypes.detect_compression_type(path)
-                                      != CompressionTypes.UNCOMPRESSED):
+        if self._split_bytes <= 0:
             return []
-        try:
-            size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
-            if size <= self._split_bytes:
-                return []
-            with _open(path) as stream:
-                if capture_kind(stream.read(4)) is None or not stream.seekable():
-                    return []
-        except (OSError, BeamIOError, IndexError):
-            return []
-        return plan_ranges(size, self._split_bytes)
+        size = splittable_size(path, self._split_bytes)
+        return [] if size is None else plan_ranges(size, self._split_bytes)
+
+
+def splittable_size(path: str, min_bytes: int) -> int | None:
+    """The size of ``path`` if it can be read in byte ranges: an uncompressed capture bigger
+    than ``min_bytes`` whose stream can seek. Else None: anything odd (unreadable, not a
+    capture) is left to the whole read, which reports it."""
+    if CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED:
+        return None
+    try:
+        size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+        if size <= min_bytes:
+            return None
+        with _open(path) as stream:
+            if capture_kind(stream.read(4)) is None or not stream.seekable():
+                return None
+    except (OSError, IndexError):  # BeamIOError included
+        return None
+    return size
 
 
 def _open(path: str) -> Any:
